@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   install, then run the quickstart pipeline on its defaults
+#   make test         install, then run the fast test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/mmdistill train configs/text/quickstart.yaml --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest tests -m slow
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info

@@ -1,0 +1,182 @@
+"""The `mmdistill` command: train, eval, sample, list.
+
+    mmdistill train configs/text/quickstart.yaml
+    mmdistill train configs/text/quickstart.yaml stages.student_opd.train.steps=50
+    mmdistill train --resume runs/quickstart
+    mmdistill eval runs/quickstart/student_opd/final --task arith --n 200 --json
+    mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
+    mmdistill list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mmdistill.errors import MmdistillError
+
+
+def _parse_task_args(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise MmdistillError(f"--set '{it}' has no '='; write KEY=VALUE, e.g. --set difficulty=2")
+        k, _, v = it.partition("=")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmdistill.config import load_config
+    from mmdistill.pipeline import run_pipeline
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise MmdistillError(f"--resume {run_dir}: no config.yaml there; give the run directory of an earlier `mmdistill train`")
+        if args.config is not None:
+            args.overrides = [args.config, *args.overrides]  # `--resume DIR key=value`
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        run_pipeline(cfg, run_dir=run_dir, quiet=args.quiet)
+        return 0
+    if args.config is None:
+        raise MmdistillError("train needs a config file: mmdistill train CONFIG.yaml [key=value ...] (or --resume RUN_DIR)")
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "config.yaml").exists() and not args.overwrite:
+        raise MmdistillError(
+            f"run directory {run_dir} already holds a run; continue it with `mmdistill train --resume {run_dir}`, "
+            "or pass --overwrite / a new run_dir=..."
+        )
+    if args.overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_pipeline(cfg, quiet=args.quiet)
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace):
+    import torch
+    from transformers import AutoTokenizer
+
+    from mmdistill.config import ModelConfig, check_kwargs
+    from mmdistill.registry import ADAPTERS, TASKS
+
+    path = Path(args.model)
+    if not (path / "config.json").exists():
+        raise MmdistillError(f"model '{path}' has no config.json; give a saved checkpoint directory (e.g. runs/quickstart/student_opd/final)")
+    task_cls = TASKS.get(args.task)
+    task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
+    device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
+    adapter = ADAPTERS.get("hf_causal_lm")(AutoTokenizer.from_pretrained(str(path)), device=device)
+    model = adapter.load_model(ModelConfig(path=str(path)), "model").eval()
+    return adapter, model, task
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmdistill.config import EvalConfig
+    from mmdistill.evaluate import evaluate
+
+    adapter, model, task = _load_for_eval(args)
+    cfg = EvalConfig(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature, k=args.k, split=args.split)
+    res = evaluate(adapter, model, task, cfg, seed=args.seed)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        line = f"accuracy {res['accuracy']:.3f} on {res['n']} {args.split} problems"
+        if args.k > 1:
+            line += f"; pass@1 {res['pass@1']:.3f}, pass@{args.k} {res[f'pass@{args.k}']:.3f}"
+        print(line)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    adapter, model, task = _load_for_eval(args)
+    problems = task.problems(args.split, args.n, seed=args.seed)
+    gen = torch.Generator(device=adapter.device).manual_seed(args.seed)
+    rollout = adapter.sample(model, [p.question for p in problems], args.max_new_tokens, args.temperature, gen)
+    for p, t in zip(problems, adapter.decode(rollout)):
+        ok = task.reward(p, t) >= 1.0
+        print(f"Q: {p.question}\nA: {t}\n   gold {p.answer}  {'correct' if ok else 'wrong'}\n")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
+
+    for title, reg in (("objectives", OBJECTIVES), ("adapters", ADAPTERS), ("tasks", TASKS)):
+        print(f"{title}:")
+        for name, obj in reg.items():
+            doc = (obj.__doc__ or "").strip().splitlines()
+            print(f"  {name:<14} {doc[0] if doc else ''}")
+    import mmdistill.configs as pkg
+
+    root = Path(pkg.__file__).parent
+    print("configs:")
+    for p in sorted(root.rglob("*.yaml")):
+        print(f"  configs/{p.relative_to(root)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdistill", description="Teacher-to-student distillation across modalities.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="run a training stage or a pipeline of stages from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (a path, or a packaged one such as configs/text/quickstart.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 stages.student_opd.objective.coef=0.5")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--run-dir", help="where outputs go (same as run_dir=...)")
+    t.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(fn=cmd_train)
+
+    for name, fn, hlp in (("eval", cmd_eval, "accuracy and pass@k of a checkpoint on held-out problems"),
+                          ("sample", cmd_sample, "print generations of a checkpoint")):
+        e = sub.add_parser(name, help=hlp)
+        e.add_argument("model", help="a saved HF checkpoint directory")
+        e.add_argument("--task", default="arith", help="task name (mmdistill list)")
+        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task argument, e.g. --set difficulty=2")
+        e.add_argument("--n", type=int, default=200 if name == "eval" else 4)
+        e.add_argument("--split", default="test")
+        e.add_argument("--max-new-tokens", type=int, default=48)
+        e.add_argument("--temperature", type=float, default=0.0)
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if name == "eval":
+            e.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (needs --temperature > 0)")
+            e.add_argument("--batch-size", type=int, default=200)
+            e.add_argument("--json", action="store_true", help="print the full result as JSON")
+        e.set_defaults(fn=fn)
+
+    ls = sub.add_parser("list", help="registered objectives, adapters, tasks, and packaged configs")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MmdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # registry lookups
+        if str(e).startswith("\"unknown") or str(e).startswith("'unknown"):
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Typed run configuration: YAML -> dataclasses, dotted overrides, validation.
+
+Every key is checked before any compute: an unknown key, a wrong type or a
+missing file is refused with one line naming the key path and the fix.
+
+    mmdistill train configs/text/quickstart.yaml train.steps=10
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmdistill.errors import ConfigError
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class TinyLMConfig:
+    """A random-init causal LM built from this section (tests, demos, CPU runs)."""
+
+    arch: Literal["qwen3", "llama"] = "qwen3"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None  # default 4 x hidden_size
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a checkpoint (`path`, a directory or hub id), or `tiny`."""
+
+    path: str | None = None
+    tiny: TinyLMConfig | None = None
+    lora: LoraConfig | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    """`path`: load with AutoTokenizer; otherwise a word-level tokenizer is built offline
+    from the task's vocabulary (saved beside every checkpoint)."""
+
+    path: str | None = None
+    chat_template: str | None = None
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    group_size: int = 1  # rollouts per prompt (GRPO groups)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32  # sequences per optimizer step (prompts x group_size)
+    micro_batch_size: int | None = None  # gradient accumulation when smaller than batch_size
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_grad_norm: float | None = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 50
+    chunk_size: int = 1024  # rows of logits materialised at once in divergences
+
+
+@dataclass
+class EvalConfig:
+    n: int = 200
+    batch_size: int = 200
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    k: int = 1  # samples per problem for pass@k (k > 1 needs temperature > 0)
+    split: str = "test"
+
+
+@dataclass
+class StageConfig:
+    name: str = "train"
+    kind: Literal["train", "eval"] = "train"
+    student: str | None = None  # a key of `models` or the name of an earlier stage
+    teacher: str | None = None
+    objective: dict[str, Any] = field(default_factory=lambda: {"type": "opd"})
+    task: dict[str, Any] | None = None
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: dict[str, str] = field(default_factory=dict)  # kind=eval: report key -> model ref
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    adapter: str = "hf_causal_lm"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"type": "arith"})
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+# Sections that may be given at the top level as defaults for every stage.
+STAGE_DEFAULT_SECTIONS = ("rollout", "train", "eval", "objective")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclass, float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}; fix the value of '{path}'")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{path}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}; set '{path}' to one of them"
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}; write e.g. {path}=0.001")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}; write e.g. {path}=10")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
+    return value
+
+
+def _unknown_key(key: str, known: list[str], path: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key '{where}'; {hint}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, path)
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def check_kwargs(fn: Any, kwargs: dict, path: str) -> dict:
+    """Validate keyword arguments for a registered builder (class or function) by its signature."""
+    sig = inspect.signature(fn)
+    params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # pragma: no cover - unresolvable annotations
+        hints = {}
+    out = {}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise _unknown_key(key, sorted(params), path)
+        out[key] = _convert(value, hints.get(key, Any), f"{path}.{key}")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in out]
+    if missing:
+        raise ConfigError(f"{path}: missing required key '{missing[0]}'; add {path}.{missing[0]}=...")
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    """Apply `a.b.c=value` to the raw YAML dict; `stages.NAME.x` addresses a stage by name."""
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' has no '='; write KEY.PATH=VALUE, e.g. train.steps=10")
+    key, _, text = dotted.partition("=")
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # stages.NAME
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if not match:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise ConfigError(f"override '{key}': no stage named '{part}'; stages are {names}")
+            node = match[0]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+    node[parts[-1]] = _parse_scalar(text)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("objective",):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def normalise(raw: dict) -> dict:
+    """A config without `stages` is one train stage; top-level rollout/train/eval/objective
+    sections are defaults for every stage (a stage's own keys win)."""
+    raw = copy.deepcopy(raw)
+    defaults = {k: raw.pop(k) for k in STAGE_DEFAULT_SECTIONS if k in raw}
+    stage_keys = {"student", "teacher", "kind", "name", "evaluate"}
+    if "stages" not in raw:
+        stage = {k: raw.pop(k) for k in list(raw) if k in stage_keys}
+        raw["stages"] = [stage]
+    if not isinstance(raw["stages"], list) or not raw["stages"]:
+        raise ConfigError("stages: expected a non-empty list of stages")
+    stages = []
+    for i, s in enumerate(raw["stages"]):
+        if not isinstance(s, dict):
+            raise ConfigError(f"stages[{i}]: expected a mapping, got {s!r}")
+        merged = _deep_merge({k: v for k, v in defaults.items()}, s)
+        if "objective" in s and "objective" in defaults and isinstance(s["objective"], dict):
+            # a stage that names another objective type does not inherit the default's keys
+            if s["objective"].get("type", defaults["objective"].get("type")) == defaults["objective"].get("type"):
+                merged["objective"] = {**defaults["objective"], **s["objective"]}
+        stages.append(merged)
+    raw["stages"] = stages
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply overrides, validate everything; raise ConfigError on any problem."""
+    p = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    return config_from_raw(raw)
+
+
+def config_from_raw(raw: dict) -> RunConfig:
+    raw = normalise(raw)
+    stages = raw.pop("stages")
+    cfg = from_dict(RunConfig, raw)
+    # stage paths read as the override that would fix them: stages.NAME.train.steps
+    cfg.stages = [
+        from_dict(StageConfig, s, f"stages.{s.get('name', 'train') if isinstance(s.get('name', 'train'), str) else i}")
+        for i, s in enumerate(stages)
+    ]
+    validate(cfg)
+    return cfg
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A path on disk, or one inside the packaged configs (`configs/text/quickstart.yaml`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    import mmdistill.configs as pkg
+
+    rel = Path(*p.parts[1:]) if len(p.parts) > 1 and p.parts[0] == "configs" else p
+    packaged = Path(pkg.__file__).parent / rel
+    if packaged.exists():
+        return packaged
+    raise ConfigError(f"config file '{path}' not found; give a path to a YAML file (`mmdistill list` shows the packaged ones)")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need the whole config (references, registries, files)."""
+    from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
+
+    if cfg.adapter not in ADAPTERS:
+        raise ConfigError(f"adapter: unknown adapter '{cfg.adapter}'; known: {', '.join(ADAPTERS.names())}")
+    _check_task(cfg.task, "task", TASKS)
+    for name, m in cfg.models.items():
+        if (m.path is None) == (m.tiny is None):
+            raise ConfigError(f"models.{name}: give exactly one of 'path' (checkpoint) or 'tiny' (random init)")
+        if m.path is not None and _looks_local(m.path) and not Path(m.path).exists():
+            raise ConfigError(
+                f"models.{name}.path: checkpoint '{m.path}' does not exist; fix the path or train it first"
+            )
+    if cfg.tokenizer.path is not None and _looks_local(cfg.tokenizer.path) and not Path(cfg.tokenizer.path).exists():
+        raise ConfigError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist; fix the path")
+    seen: list[str] = []
+    for i, st in enumerate(cfg.stages):
+        where = f"stages.{st.name}"
+        if st.name in seen or st.name in cfg.models:
+            raise ConfigError(f"{where}: the name '{st.name}' is used twice; give each stage and model its own name")
+        refs = list(cfg.models) + seen
+        if st.kind == "train":
+            if st.student is None:
+                raise ConfigError(f"{where}.student: missing; name a model from 'models' or an earlier stage")
+            for role in ("student", "teacher"):
+                ref = getattr(st, role)
+                if ref is not None and ref not in refs:
+                    raise ConfigError(
+                        f"{where}.{role}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
+                    )
+            obj = dict(st.objective)
+            otype = obj.pop("type", None)
+            if otype is None:
+                raise ConfigError(f"{where}.objective.type: missing; choose one of {', '.join(OBJECTIVES.names())}")
+            if otype not in OBJECTIVES:
+                close = difflib.get_close_matches(otype, OBJECTIVES.names(), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(OBJECTIVES.names())}"
+                raise ConfigError(f"{where}.objective.type: unknown objective '{otype}'; {hint}")
+            obj_cls = OBJECTIVES.get(otype)
+            check_kwargs(obj_cls, obj, f"{where}.objective")
+            if getattr(obj_cls, "needs_teacher", False) and st.teacher is None:
+                raise ConfigError(f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher")
+            if st.task is not None:
+                _check_task(st.task, f"{where}.task", TASKS)
+            if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
+                raise ConfigError(f"{where}.train.micro_batch_size must divide train.batch_size")
+            if st.train.batch_size % st.rollout.group_size:
+                raise ConfigError(f"{where}.train.batch_size must be a multiple of rollout.group_size")
+        else:
+            if not st.evaluate:
+                raise ConfigError(f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}")
+            for key, ref in st.evaluate.items():
+                if ref not in refs:
+                    raise ConfigError(f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
+        seen.append(st.name)
+
+
+def _check_task(task: dict, where: str, TASKS: Any) -> None:
+    args = dict(task)
+    ttype = args.pop("type", None)
+    if ttype not in TASKS:
+        raise ConfigError(f"{where}.type: unknown task {ttype!r}; known: {', '.join(TASKS.names())}")
+    check_kwargs(TASKS.get(ttype), args, where)
+    if "path" in args and not Path(args["path"]).exists():
+        raise ConfigError(f"{where}.path: file '{args['path']}' does not exist; fix {where}.path")
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids look like 'org/name'; anything starting with '.', '/' or '~', or existing, is local."""
+    return path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] or path.count("/") > 1
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: RunConfig, path: Path) -> None:
+    from mmdistill.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

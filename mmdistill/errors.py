@@ -1,0 +1,20 @@
+"""Errors that teach: each names the cause and the fix in one line.
+
+The CLI turns these into a single `error: ...` line and exit code 2.
+"""
+
+
+class MmdistillError(Exception):
+    """Base class for user-facing errors (bad config, missing checkpoint, mismatch)."""
+
+
+class ConfigError(MmdistillError):
+    """A config key, type or value is wrong; the message names the key path."""
+
+
+class CompatibilityError(MmdistillError):
+    """Teacher and student cannot be paired (tokenizer, chat template, action space...)."""
+
+
+class CheckpointError(MmdistillError):
+    """A checkpoint is missing, incomplete or corrupt."""

@@ -1,0 +1,218 @@
+"""Step distributions: the per-step action distributions every objective talks to.
+
+A text token is a Categorical step; a continuous robot action a diagonal
+Gaussian; a denoising step under SDE sampling a Gaussian whose mean comes from
+the velocity.  Objectives are written once against this protocol.
+
+All methods return per-step tensors `[B, T]` with zeros where `mask_B_T` is 0.
+
+    python -m pytest tests/test_stepdist.py
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from mmdistill.objectives.divergence import (
+    chunked_divergence,
+    chunked_entropy,
+    chunked_token_logp,
+    generalized_jsd,
+    topk_tail,
+    topk_tail_divergence,
+)
+
+
+@runtime_checkable
+class StepDist(Protocol):
+    mask_B_T: Tensor
+
+    def log_prob(self, actions_B_T: Tensor) -> Tensor: ...
+
+    def kl(self, other: "StepDist") -> Tensor:  # KL(self || other) per step
+        ...
+
+    def entropy(self) -> Tensor: ...
+
+
+def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:
+    out = torch.zeros(mask_B_T.shape, dtype=values_N.dtype, device=values_N.device)
+    return out.masked_scatter(mask_B_T.bool(), values_N)
+
+
+class Categorical:
+    """Full logits `[B, T, V]` (small vocabularies, tests, action tokens)."""
+
+    def __init__(self, logits_B_T_V: Tensor, mask_B_T: Tensor, temperature: float = 1.0):
+        self.logits_B_T_V = logits_B_T_V
+        self.mask_B_T = mask_B_T
+        self.temperature = temperature
+
+    def logp_B_T_V(self) -> Tensor:
+        return F.log_softmax(self.logits_B_T_V.float() / self.temperature, dim=-1)
+
+    def log_prob(self, actions_B_T: Tensor) -> Tensor:
+        lp = self.logp_B_T_V().gather(-1, actions_B_T.unsqueeze(-1)).squeeze(-1)
+        return lp * self.mask_B_T
+
+    def divergence(self, teacher: "Categorical", beta: float) -> Tensor:
+        return generalized_jsd(
+            self.logits_B_T_V, teacher.logits_B_T_V, self.mask_B_T, beta=beta, temperature=self.temperature, reduction="none"
+        )
+
+    def kl(self, other: "Categorical") -> Tensor:
+        return self.divergence(other, beta=1.0)
+
+    def entropy(self) -> Tensor:
+        lp = self.logp_B_T_V()
+        return -(lp.exp() * lp).sum(-1) * self.mask_B_T
+
+
+class HiddenCategorical:
+    """A Categorical defined lazily by hidden states and an LM head.
+
+    Only the masked positions are ever turned into logits, `chunk_size` rows at
+    a time, so `B x T x V` logits never exist at once (V = 151,936 for Qwen).
+    `vocab_size` truncates padded heads to the tokenizer's real vocabulary.
+    """
+
+    def __init__(
+        self,
+        hidden_B_T_H: Tensor,
+        head_weight_V_H: Tensor,
+        mask_B_T: Tensor,
+        vocab_size: int | None = None,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        head_bias_V: Tensor | None = None,
+    ):
+        self.hidden_B_T_H = hidden_B_T_H
+        self.head_weight_V_H = head_weight_V_H
+        self.head_bias_V = head_bias_V
+        self.mask_B_T = mask_B_T
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+
+    def rows(self) -> Tensor:
+        return self.hidden_B_T_H[self.mask_B_T.bool()]
+
+    def log_prob(self, actions_B_T: Tensor) -> Tensor:
+        lp_N = chunked_token_logp(
+            self.rows(), self.head_weight_V_H, actions_B_T[self.mask_B_T.bool()],
+            temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size, bias=self.head_bias_V,
+        )
+        return _scatter(lp_N, self.mask_B_T)
+
+    def divergence(self, teacher: "HiddenCategorical | TopKCategorical", beta: float) -> Tensor:
+        """Per-step generalized JSD with self as student (beta=0 forward KL(T||S), 1 reverse KL(S||T))."""
+        if isinstance(teacher, TopKCategorical):
+            return self._topk_divergence(teacher, beta)
+        vocab = self.vocab_size or teacher.vocab_size
+        if vocab is None and self.head_weight_V_H.shape[0] != teacher.head_weight_V_H.shape[0]:
+            vocab = min(self.head_weight_V_H.shape[0], teacher.head_weight_V_H.shape[0])
+        d_N = chunked_divergence(
+            self.rows(), self.head_weight_V_H, teacher.rows(), teacher.head_weight_V_H,
+            beta=beta, temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=vocab,
+            student_head_bias=self.head_bias_V, teacher_head_bias=teacher.head_bias_V,
+        )
+        return _scatter(d_N, self.mask_B_T)
+
+    def kl(self, other: "HiddenCategorical") -> Tensor:
+        return self.divergence(other, beta=1.0)
+
+    def entropy(self) -> Tensor:
+        e_N = chunked_entropy(
+            self.rows(), self.head_weight_V_H, temperature=self.temperature, chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size, bias=self.head_bias_V,
+        )
+        return _scatter(e_N, self.mask_B_T)
+
+    def topk(self, k: int) -> "TopKCategorical":
+        """The teacher side of a top-k + tail divergence (no gradient)."""
+        idx, vals, tails = [], [], []
+        with torch.no_grad():
+            for h in self.rows().split(self.chunk_size):
+                logits = F.linear(h, self.head_weight_V_H, self.head_bias_V)
+                if self.vocab_size is not None:
+                    logits = logits[:, : self.vocab_size]
+                i, v, t = topk_tail(logits, k, temperature=self.temperature)
+                idx.append(i), vals.append(v), tails.append(t)
+        return TopKCategorical(torch.cat(idx), torch.cat(vals), torch.cat(tails), self.mask_B_T)
+
+    def _topk_divergence(self, teacher: "TopKCategorical", beta: float) -> Tensor:
+        rows = self.rows()
+        outs = []
+        for start in range(0, rows.shape[0], self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+
+            def chunk(h: Tensor, w: Tensor, sl: slice = sl) -> Tensor:
+                logits = F.linear(h, w, self.head_bias_V)
+                if self.vocab_size is not None:
+                    logits = logits[:, : self.vocab_size]
+                return topk_tail_divergence(
+                    logits, teacher.topk_idx_N_K[sl], teacher.topk_logp_N_K[sl], teacher.tail_logp_N[sl],
+                    beta=beta, temperature=self.temperature,
+                )
+
+            outs.append(checkpoint(chunk, rows[sl], self.head_weight_V_H, use_reentrant=False))
+        d_N = torch.cat(outs) if outs else rows.new_zeros(0)
+        return _scatter(d_N, self.mask_B_T)
+
+
+class TopKCategorical:
+    """A teacher distribution kept as its top-k log-probs plus one tail bucket."""
+
+    def __init__(self, topk_idx_N_K: Tensor, topk_logp_N_K: Tensor, tail_logp_N: Tensor, mask_B_T: Tensor):
+        self.topk_idx_N_K = topk_idx_N_K
+        self.topk_logp_N_K = topk_logp_N_K
+        self.tail_logp_N = tail_logp_N
+        self.mask_B_T = mask_B_T
+
+    def log_prob(self, actions_B_T: Tensor) -> Tensor:
+        """Log-prob of actions in the top-k; actions outside get the tail bucket's mass (an upper bound)."""
+        a_N = actions_B_T[self.mask_B_T.bool()]
+        hit = self.topk_idx_N_K == a_N.unsqueeze(-1)
+        lp_N = torch.where(hit.any(-1), (self.topk_logp_N_K * hit).sum(-1), self.tail_logp_N)
+        return _scatter(lp_N, self.mask_B_T)
+
+    def kl(self, other: StepDist) -> Tensor:  # pragma: no cover - teachers are never the student side
+        raise NotImplementedError("a top-k teacher is only the target of a divergence; call student.divergence(teacher)")
+
+    def entropy(self) -> Tensor:
+        p = self.topk_logp_N_K.exp()
+        h = -(p * self.topk_logp_N_K).sum(-1)
+        tail = self.tail_logp_N
+        h = h - torch.where(torch.isfinite(tail), tail.exp() * tail, torch.zeros_like(tail))
+        return _scatter(h, self.mask_B_T)
+
+
+class Gaussian:
+    """Diagonal Gaussian per step: `mean_B_T_D`, `std_B_T_D` (continuous actions, SDE denoising steps).
+
+    Log-probs and KLs sum over the action dimensions (the true log-density).
+    """
+
+    def __init__(self, mean_B_T_D: Tensor, std_B_T_D: Tensor, mask_B_T: Tensor):
+        self.mean_B_T_D = mean_B_T_D
+        self.std_B_T_D = std_B_T_D.expand_as(mean_B_T_D)
+        self.mask_B_T = mask_B_T
+
+    def log_prob(self, actions_B_T_D: Tensor) -> Tensor:
+        var = self.std_B_T_D**2
+        lp = -((actions_B_T_D - self.mean_B_T_D) ** 2) / (2 * var) - self.std_B_T_D.log() - 0.5 * math.log(2 * math.pi)
+        return lp.sum(-1) * self.mask_B_T
+
+    def kl(self, other: "Gaussian") -> Tensor:
+        v1, v2 = self.std_B_T_D**2, other.std_B_T_D**2
+        kl = (other.std_B_T_D / self.std_B_T_D).log() + (v1 + (self.mean_B_T_D - other.mean_B_T_D) ** 2) / (2 * v2) - 0.5
+        return kl.sum(-1) * self.mask_B_T
+
+    def entropy(self) -> Tensor:
+        h = 0.5 * math.log(2 * math.pi * math.e) + self.std_B_T_D.log()
+        return h.sum(-1) * self.mask_B_T

@@ -1,0 +1,347 @@
+"""HF causal-LM adapter: load, sample on-policy, re-score, save.
+
+Teacher and student are any `AutoModelForCausalLM` checkpoints (path or hub id)
+or tiny random-init Qwen3/Llama models built from a config section.  They may
+differ in size and family but must share a tokenizer; padded vocabularies
+(e.g. 151,936 vs 152,064 rows) are truncated to the tokenizer's length.
+
+Sampling is a lean KV-cache loop (no logits processors), recording the
+behaviour log-prob of every sampled token.  Re-scoring returns a
+`HiddenCategorical`: hidden states plus the LM head, so divergences are
+computed in chunks and `B x T x V` logits never exist.
+
+    mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmdistill.config import LoraConfig, ModelConfig, TinyLMConfig, TokenizerConfig
+from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
+from mmdistill.registry import ADAPTERS
+from mmdistill.rollout import Rollout
+from mmdistill.stepdist import HiddenCategorical
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Context:
+    """What a text rollout was conditioned on."""
+
+    questions: list[str]
+    prompt_len: int  # P: prompts are left-padded to this length
+
+
+def _cache_kw(model: torch.nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _get_cache(out: Any) -> Any:
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under accelerate / DDP / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+@ADAPTERS.register("hf_causal_lm")
+class CausalLMAdapter:
+    """One tokenizer shared by teacher and student; models are passed to each call."""
+
+    def __init__(self, tokenizer: Any, device: torch.device | str = "cpu", chunk_size: int = 1024):
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.device = torch.device(device)
+        self.chunk_size = chunk_size
+        self.vocab_size = len(tokenizer)
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ConfigError("the tokenizer has neither a pad nor an eos token; add one to the tokenizer")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+
+    # ------------------------------------------------------------------ loading
+
+    @staticmethod
+    def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> Any:
+        """`tokenizer.path`, else the first checkpoint model's tokenizer, else an offline word tokenizer."""
+        from transformers import AutoTokenizer
+
+        from mmdistill.modalities.text.tokenizer import build_word_tokenizer
+
+        path = cfg.path or next((m.path for m in models.values() if m.path is not None), None)
+        if path is not None:
+            try:
+                tok = AutoTokenizer.from_pretrained(path)
+            except OSError as e:
+                raise CheckpointError(f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory") from None
+        else:
+            tok = build_word_tokenizer(task.vocabulary())
+        if cfg.chat_template is not None:
+            tok.chat_template = cfg.chat_template
+        return tok
+
+    def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        dtype = DTYPES[cfg.dtype]
+        if cfg.tiny is not None:
+            model = build_tiny_lm(cfg.tiny, self.tokenizer).to(dtype)
+        else:
+            assert cfg.path is not None
+            model = load_causal_lm(cfg.path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, name=name)
+            check_model_tokenizer(model, self.tokenizer, cfg.path)
+        if cfg.lora is not None:
+            model = apply_lora(model, cfg.lora)
+        return model.to(self.device)
+
+    def check_pair(self, teacher_dir_or_tok: Any, student_tok: Any | None = None) -> None:
+        check_tokenizers_match(teacher_dir_or_tok, student_tok or self.tokenizer)
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        """A standard HF checkpoint (merged, if LoRA) plus the tokenizer."""
+        m = model
+        while hasattr(m, "module"):
+            m = m.module
+        if hasattr(m, "merge_and_unload"):  # peft: save the adapter too, then the merged model
+            m.save_pretrained(str(Path(out_dir) / "lora_adapter"))
+            import copy
+
+            m = copy.deepcopy(m).merge_and_unload()
+        m.save_pretrained(str(out_dir), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out_dir))
+
+    # ------------------------------------------------------------------ prompts
+
+    def format_prompt(self, question: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+        return f"Q: {question}\nA: "
+
+    def encode_prompts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        texts = [self.format_prompt(q) for q in questions]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: torch.nn.Module,
+        questions: list[str],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """On-policy sampling with a KV cache; temperature 0 is greedy."""
+        model_was_training = model.training
+        model.eval()
+        prompt_ids, prompt_attn = self.encode_prompts(questions)
+        B, P = prompt_ids.shape
+        kw = _cache_kw(model)
+        pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = _get_cache(out)
+        attn = prompt_attn
+        next_pos = pos[:, -1:] + 1
+        tokens, logps = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        alive = []
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1, : self.vocab_size].float()
+            if temperature > 0:
+                logp_all = F.log_softmax(logits / temperature, dim=-1)
+                tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            else:
+                logp_all = F.log_softmax(logits, dim=-1)
+                tok = logits.argmax(-1)
+            lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+            alive.append(~done)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tokens.append(tok)
+            logps.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | (tok == self.eos_id)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, (~done | (tok == self.eos_id)).long()[:, None]], dim=1)
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{kw: cache})
+            cache = _get_cache(out)
+            next_pos = next_pos + 1
+        model.train(model_was_training)
+        tokens_B_T = torch.stack(tokens, 1)
+        mask_B_T = torch.stack(alive, 1).float()
+        return Rollout(
+            context=Context(list(questions), P),
+            steps={"prompt_ids": prompt_ids, "prompt_attn": prompt_attn},
+            actions=tokens_B_T,
+            mask_B_T=mask_B_T,
+            behavior_logp_B_T=torch.stack(logps, 1),
+        )
+
+    def dataset_rollout(self, questions: list[str], completions: list[str]) -> Rollout:
+        """Gold or teacher-written completions as a rollout (behaviour log-probs unknown: zeros)."""
+        prompt_ids, prompt_attn = self.encode_prompts(questions)
+        comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in completions]
+        T = max(len(c) for c in comp)
+        tokens = torch.full((len(comp), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(comp), T)
+        for i, c in enumerate(comp):
+            tokens[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = 1.0
+        return Rollout(
+            context=Context(list(questions), prompt_ids.shape[1]),
+            steps={"prompt_ids": prompt_ids, "prompt_attn": prompt_attn},
+            actions=tokens.to(self.device),
+            mask_B_T=mask.to(self.device),
+            behavior_logp_B_T=torch.zeros(len(comp), T, device=self.device),
+        )
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        out = []
+        for toks, m in zip(rollout.actions.tolist(), rollout.mask_B_T.tolist()):
+            ids = [t for t, keep in zip(toks, m) if keep and t != self.eos_id]
+            out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return out
+
+    # ------------------------------------------------------------------ re-scoring
+
+    def step_dist(self, model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> HiddenCategorical:
+        """Re-score `model` on the rollout's states: hidden states at every completion step + LM head."""
+        prompt_ids, prompt_attn = rollout.steps["prompt_ids"], rollout.steps["prompt_attn"]
+        P = prompt_ids.shape[1]
+        ids = torch.cat([prompt_ids, rollout.actions], 1)
+        attn = torch.cat([prompt_attn, rollout.mask_B_T.long()], 1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        base = unwrap(model)
+        decoder = base.get_decoder()
+        hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        T = rollout.actions.shape[1]
+        hidden_B_T_H = hidden[:, P - 1 : P - 1 + T]
+        head = base.get_output_embeddings()
+        return HiddenCategorical(
+            hidden_B_T_H, head.weight, rollout.mask_B_T, vocab_size=self.vocab_size,
+            temperature=temperature, chunk_size=self.chunk_size, head_bias_V=getattr(head, "bias", None),
+        )
+
+
+# ---------------------------------------------------------------------- builders
+
+
+def build_tiny_lm(cfg: TinyLMConfig, tokenizer: Any) -> torch.nn.Module:
+    """A random-init Qwen3 or Llama causal LM sized by `cfg`, vocabulary padded to a multiple of 8."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    vocab = -(-len(tokenizer) // 8) * 8
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"tiny.hidden_size={cfg.hidden_size} is not divisible by tiny.num_heads={cfg.num_heads}")
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(cfg.seed)
+        if cfg.arch == "qwen3":
+            model = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.hidden_size // cfg.num_heads, **common))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**common))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, name: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    local = Path(path)
+    if local.exists() and not (local / "config.json").exists():
+        raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; point it at a saved HF checkpoint directory")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"models.{name}.path: cannot load '{path}' ({first}); check the path or hub id (no downloads here?)") from None
+
+
+def check_model_tokenizer(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+    rows = unwrap(model).get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise CompatibilityError(
+            f"model '{path}' has {rows} output rows but the tokenizer has {len(tokenizer)} tokens; "
+            "use the tokenizer saved with this model (tokenizer.path)"
+        )
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(
+        model,
+        PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+    )
+
+
+def _tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
+    return {
+        "vocab": tok.get_vocab(),
+        "special": {k: getattr(tok, k, None) for k in ("eos_token", "pad_token", "bos_token", "unk_token")},
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+
+
+def check_tokenizers_match(teacher: Any, student: Any, teacher_name: str = "teacher", student_name: str = "student") -> None:
+    """Refuse a teacher/student pair whose tokenizers or chat templates differ."""
+    from transformers import AutoTokenizer
+
+    if isinstance(teacher, (str, Path)):
+        teacher = AutoTokenizer.from_pretrained(str(teacher))
+    if isinstance(student, (str, Path)):
+        student = AutoTokenizer.from_pretrained(str(student))
+    a, b = _tokenizer_fingerprint(teacher), _tokenizer_fingerprint(student)
+    if a["vocab"] != b["vocab"]:
+        only_t = sorted(set(a["vocab"]) - set(b["vocab"]))[:3]
+        only_s = sorted(set(b["vocab"]) - set(a["vocab"]))[:3]
+        diff = f"sizes {len(a['vocab'])} vs {len(b['vocab'])}"
+        if only_t or only_s:
+            diff += f", e.g. {only_t} only in the {teacher_name}, {only_s} only in the {student_name}"
+        else:
+            diff += ", same tokens with different ids"
+        raise CompatibilityError(
+            f"{teacher_name} and {student_name} tokenizers differ ({diff}); on-policy distillation needs one shared "
+            "tokenizer: pick models of one family or a cross-tokenizer objective"
+        )
+    if a["chat_template"] != b["chat_template"]:
+        raise CompatibilityError(
+            f"{teacher_name} and {student_name} chat templates differ; set tokenizer.chat_template so both see the same prompts"
+        )
+    if a["special"] != b["special"]:
+        raise CompatibilityError(f"{teacher_name} and {student_name} special tokens differ: {a['special']} vs {b['special']}")

@@ -1,0 +1,76 @@
+"""Sampled-token on-policy distillation (OPD; docs/objectives.md section 1).
+
+The student samples `y ~ pi_old`; the teacher scores the sampled tokens; the negative
+per-token reverse-KL estimate is a reward (stop-gradient)::
+
+    A_t = A_env,t - coef * m_t * (log pi_old(y_t) - log pi_T(y_t)),  then discounted with gamma
+    L   = -sum_t rho_t * A_t * m_t / normalizer       (rho = pi_theta / pi_old; or PPO-clipped)
+
+In expectation over `y ~ pi_theta` (rho = 1) the gradient of L is the gradient of
+`KL(pi_theta || pi_T)` at each visited state (tests/test_objectives_pg.py checks it by
+exact enumeration).
+
+Run its tests: ``pytest tests/test_objectives_pg.py -q``
+"""
+from __future__ import annotations
+
+import torch
+
+from mmdistill.objectives.policy_gradient import (
+    check_same_shape,
+    discounted_cumsum,
+    masked_sum,
+    policy_gradient_loss,
+)
+
+__all__ = ["opd_advantages", "opd_loss"]
+
+
+@torch.no_grad()
+def opd_advantages(
+    behavior_logp_B_T: torch.Tensor,
+    teacher_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    coef: float = 1.0,
+    gamma: float = 0.0,
+    env_advantage_B_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token OPD advantage `[B, T]` (no gradient): `A_env - coef * m * (behavior_logp - teacher_logp)`,
+    discounted with gamma (gamma 0 = next token only).  Masked positions are 0."""
+    check_same_shape(
+        behavior_logp=behavior_logp_B_T, teacher_logp=teacher_logp_B_T, mask=mask_B_T, env_advantage=env_advantage_B_T
+    )
+    keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
+    reverse_kl_B_T = behavior_logp_B_T - teacher_logp_B_T.to(behavior_logp_B_T.dtype)
+    advantage_B_T = torch.where(keep, -float(coef) * reverse_kl_B_T, torch.zeros_like(reverse_kl_B_T))
+    if mask_B_T.dtype != torch.bool:
+        advantage_B_T = advantage_B_T * mask_B_T.to(advantage_B_T.dtype)
+    if env_advantage_B_T is not None:
+        advantage_B_T = advantage_B_T + env_advantage_B_T.to(advantage_B_T.dtype)
+    return discounted_cumsum(advantage_B_T, gamma, keep)
+
+
+def opd_loss(
+    logp_B_T: torch.Tensor,
+    behavior_logp_B_T: torch.Tensor,
+    teacher_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    coef: float = 1.0,
+    gamma: float = 0.0,
+    clip_eps: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    env_advantage_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """OPD loss: `opd_advantages` fed to `policy_gradient_loss` (importance sampling, or
+    PPO-clipped when clip_eps is set).  Metrics add `reverse_kl`, the mean of
+    `behavior_logp - teacher_logp` over kept tokens (a sampled estimate of KL(pi_old || pi_T))."""
+    advantage_B_T = opd_advantages(behavior_logp_B_T, teacher_logp_B_T, mask_B_T, coef, gamma, env_advantage_B_T)
+    loss, metrics = policy_gradient_loss(
+        logp_B_T, behavior_logp_B_T, advantage_B_T, mask_B_T, clip_eps=clip_eps, normalizer=normalizer
+    )
+    with torch.no_grad():
+        keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
+        count = keep.sum().clamp(min=1)
+        reverse_kl = masked_sum(behavior_logp_B_T - teacher_logp_B_T.to(behavior_logp_B_T.dtype), keep) / count
+    metrics["reverse_kl"] = float(reverse_kl)
+    return loss, metrics
