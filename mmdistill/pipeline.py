@@ -30,6 +30,9 @@ def make_accelerator(device: str) -> Any:
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the one that matters
     run_dir = Path(run_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
@@ -133,7 +136,8 @@ def plot_report(ctx: RunContext, png: Path) -> None:
             axes[1].plot(*zip(*ev), "o--", label=f"{name}: eval accuracy")
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)

@@ -54,7 +54,10 @@ class Categorical:
         self.temperature = temperature
 
     def logp_B_T_V(self) -> Tensor:
-        return F.log_softmax(self.logits_B_T_V.float() / self.temperature, dim=-1)
+        logits = self.logits_B_T_V
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.log_softmax(logits / self.temperature, dim=-1)
 
     def log_prob(self, actions_B_T: Tensor) -> Tensor:
         lp = self.logp_B_T_V().gather(-1, actions_B_T.unsqueeze(-1)).squeeze(-1)

@@ -157,7 +157,7 @@ class CausalLMAdapter:
         model.eval()
         prompt_ids, prompt_attn = self.encode_prompts(questions)
         B, P = prompt_ids.shape
-        kw = _cache_kw(model)
+        kw = _cache_kw(unwrap(model))
         pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = _get_cache(out)

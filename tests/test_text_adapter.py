@@ -1,0 +1,122 @@
+"""The text adapter: sampling log-probs, re-scoring, padding, save/load, tokenizer checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmdistill.config import ModelConfig, TinyLMConfig
+from mmdistill.errors import CompatibilityError
+from mmdistill.modalities.text.adapter import CausalLMAdapter, build_tiny_lm, check_tokenizers_match
+from mmdistill.modalities.text.tasks.arith import ArithTask
+from mmdistill.modalities.text.tokenizer import build_word_tokenizer
+
+QUESTIONS = ["Ann has 3 apples . She gets 4 more . How many apples does Ann have ?", "Bob has 9 coins . He loses 2 . How many coins does Bob have ?", "1 + 1"]
+
+
+@pytest.fixture
+def adapter(word_tokenizer):
+    return CausalLMAdapter(word_tokenizer, device="cpu", chunk_size=7)
+
+
+def tiny(adapter, hidden=32, layers=2, seed=0, arch="qwen3"):
+    return adapter.load_model(ModelConfig(tiny=TinyLMConfig(arch=arch, hidden_size=hidden, num_layers=layers, num_heads=2, num_kv_heads=1, seed=seed))).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_behavior_logp_equals_rescored_logp(adapter, arch):
+    """KV-cache sampling with left padding must see the same states as a full re-scoring pass."""
+    model = tiny(adapter, arch=arch)
+    g = torch.Generator().manual_seed(0)
+    r = adapter.sample(model, QUESTIONS, max_new_tokens=10, temperature=1.0, generator=g)
+    assert r.actions.shape[0] == 3 and r.mask_B_T.sum() > 0
+    with torch.no_grad():
+        logp = adapter.step_dist(model, r).log_prob(r.actions)
+    torch.testing.assert_close(logp, r.behavior_logp_B_T, atol=2e-5, rtol=0)
+
+
+def test_greedy_matches_hf_generate(adapter):
+    model = tiny(adapter, seed=3)
+    r = adapter.sample(model, QUESTIONS[:2], max_new_tokens=8, temperature=0.0)
+    ids, attn = adapter.encode_prompts(QUESTIONS[:2])
+    ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, do_sample=False,
+                         pad_token_id=adapter.pad_id, eos_token_id=adapter.eos_id)[:, ids.shape[1]:]
+    for i in range(2):
+        n = int(r.mask_B_T[i].sum())
+        assert r.actions[i, :n].tolist() == ref[i, :n].tolist()
+
+
+def test_mask_stops_after_eos(adapter):
+    model = tiny(adapter)
+    with torch.no_grad():  # make EOS very likely so some rows stop early
+        model.get_output_embeddings().weight[adapter.eos_id] *= 0
+        model.get_output_embeddings().weight[adapter.eos_id] += 0.5 * model.get_input_embeddings().weight.mean(0)
+    r = adapter.sample(model, QUESTIONS, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    for row_t, row_m in zip(r.actions.tolist(), r.mask_B_T.tolist()):
+        if adapter.eos_id in row_t:
+            k = row_t.index(adapter.eos_id)
+            assert row_m[: k + 1] == [1.0] * (k + 1) and sum(row_m[k + 1 :]) == 0
+
+
+def test_padded_vocabularies_of_different_sizes(adapter, word_tokenizer):
+    """Teacher head with 64 extra rows, student with 8: divergences use the tokenizer's length."""
+    teacher, student = tiny(adapter, seed=1), tiny(adapter, hidden=16, layers=1, seed=2)
+    teacher.resize_token_embeddings(len(word_tokenizer) + 64)
+    assert teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]
+    r = adapter.sample(student, QUESTIONS, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    s, t = adapter.step_dist(student, r), adapter.step_dist(teacher, r)
+    d = s.divergence(t, beta=1.0)
+    assert torch.isfinite(d).all() and (d[r.mask_B_T.bool()] > 0).all()
+    V = len(word_tokenizer)
+    ref = (torch.log_softmax(s.rows() @ s.head_weight_V_H[:V].T, -1).exp()
+           * (torch.log_softmax(s.rows() @ s.head_weight_V_H[:V].T, -1) - torch.log_softmax(t.rows() @ t.head_weight_V_H[:V].T, -1))).sum(-1)
+    torch.testing.assert_close(d[r.mask_B_T.bool()], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_template_applied(word_tokenizer):
+    tok = build_word_tokenizer(ArithTask().vocabulary(), chat_template="{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant: ")
+    ad = CausalLMAdapter(tok)
+    assert ad.format_prompt("1 + 1") == "User: 1 + 1\nAssistant: "
+    assert CausalLMAdapter(word_tokenizer).format_prompt("1 + 1") == "Q: 1 + 1\nA: "
+
+
+def test_tokenizer_mismatch_refused(word_tokenizer):
+    other = build_word_tokenizer(["zebra", "quokka"])
+    with pytest.raises(CompatibilityError, match="tokenizers differ"):
+        check_tokenizers_match(other, word_tokenizer)
+    templated = build_word_tokenizer(ArithTask(difficulty=1, max_value=9).vocabulary(), chat_template="{{ messages[0]['content'] }}")
+    with pytest.raises(CompatibilityError, match="chat templates differ"):
+        check_tokenizers_match(templated, word_tokenizer)
+    check_tokenizers_match(word_tokenizer, word_tokenizer)
+
+
+def test_saved_student_is_a_plain_hf_checkpoint(adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tiny(adapter, seed=5)
+    adapter.save(model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.get_vocab() == adapter.tokenizer.get_vocab()
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_lora_student_saves_merged(adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmdistill.config import LoraConfig
+
+    cfg = ModelConfig(tiny=TinyLMConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1), lora=LoraConfig(r=4, alpha=8))
+    model = adapter.load_model(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    r = adapter.sample(model, QUESTIONS[:1], max_new_tokens=4, temperature=0.0)
+    adapter.save(model, tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    r2 = adapter.sample(merged, QUESTIONS[:1], max_new_tokens=4, temperature=0.0)
+    assert (tmp_path / "lora_adapter").exists()
+    assert r.actions.tolist() == r2.actions.tolist()
