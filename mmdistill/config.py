@@ -325,7 +325,26 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{p}: the top level must be a mapping of config keys")
     for ov in overrides or []:
         apply_override(raw, ov)
+    _resolve_relative_paths(raw, p.parent)
     return config_from_raw(raw)
+
+
+def _resolve_relative_paths(raw: dict, config_dir: Path) -> None:
+    """A task file given relative to the config (or the packaged configs) is found from any cwd."""
+    root = config_dir
+    while root.name and root.name != "configs":
+        root = root.parent
+    tasks = [raw.get("task")] + [s.get("task") for s in raw.get("stages", []) or [] if isinstance(s, dict)]
+    for t in tasks:
+        if not isinstance(t, dict):
+            continue
+        for key in ("path", "test_path"):
+            v = t.get(key)
+            if isinstance(v, str) and not Path(v).is_absolute() and not Path(v).exists():
+                for base in (config_dir, root.parent if root.name == "configs" else None):
+                    if base is not None and (base / v).exists():
+                        t[key] = str(base / v)
+                        break
 
 
 def config_from_raw(raw: dict) -> RunConfig:

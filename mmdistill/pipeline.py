@@ -39,6 +39,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     torch.manual_seed(cfg.seed)
     acc = make_accelerator(cfg.device)
     task = build_task(cfg.task)
+    if hasattr(task, "summary") and not quiet:
+        print(f"[task] {task.summary()}")
     adapter_cls = ADAPTERS.get(cfg.adapter)
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer_config.json").exists():  # resumed run: the exact tokenizer of the first start
@@ -48,6 +50,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     else:
         tokenizer = adapter_cls.build_tokenizer(cfg.tokenizer, task, cfg.models)
         tokenizer.save_pretrained(str(tok_dir))
+    for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
+        if m.path is not None and hasattr(adapter_cls, "check_pair"):
+            adapter_cls.check_tokenizer_of(m.path, tokenizer, name)
     chunk = cfg.stages[0].train.chunk_size
     adapter = adapter_cls(tokenizer, device=acc.device, chunk_size=chunk)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)

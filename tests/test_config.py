@@ -109,3 +109,21 @@ def test_every_packaged_config_loads_and_builds(path, tmp_path):
             build_objective(st.objective, st.name)
             if st.task:
                 build_task(st.task)
+
+
+def test_tokenizer_mismatch_refused_before_compute(tmp_path, tiny_raw, capsys):
+    """A teacher checkpoint whose tokenizer differs from the run's: one line, exit 2, nothing trained."""
+    from mmdistill.config import ModelConfig, TinyLMConfig
+    from mmdistill.modalities.text.adapter import CausalLMAdapter
+    from mmdistill.modalities.text.tokenizer import build_word_tokenizer
+
+    other = CausalLMAdapter(build_word_tokenizer(["zebra", "quokka"]))
+    ckpt = tmp_path / "foreign_teacher"
+    other.save(other.load_model(ModelConfig(tiny=TinyLMConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1))), ckpt)
+    run_tok = tmp_path / "run_tok"
+    build_word_tokenizer(["apples"]).save_pretrained(run_tok)
+    tiny_raw["tokenizer"] = {"path": str(run_tok)}
+    tiny_raw["models"]["teacher_init"] = {"path": str(ckpt)}
+    code, err = run_cli(capsys, "train", str(write(tmp_path, tiny_raw)))
+    assert code == 2 and "tokenizers differ" in err and "models.teacher_init" in err
+    assert not (Path(tiny_raw["run_dir"]) / "teacher_sft").exists()

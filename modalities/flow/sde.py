@@ -280,12 +280,13 @@ def sample_sde(
     B, latent_shape, T = noise_B_C_H_W.shape[0], tuple(noise_B_C_H_W.shape[1:]), sigmas_T1.numel() - 1
     sigma_cap = float(sigmas_T1[1])
     x = noise_B_C_H_W.to(torch.promote_types(noise_B_C_H_W.dtype, torch.float32))
+    step_sigmas_T1 = sigmas_T1.to(x.dtype)  # SDE arithmetic in the state's dtype; the model sees float32 sigmas
     states, actions, logps = [], [], []
     for t in range(T):
-        sigma_B, sigma_next_B = sigmas_T1[t].expand(B), sigmas_T1[t + 1].expand(B)
+        sigma_B = sigmas_T1[t].expand(B)
         v = velocity_fn(x, sigma_B, cond, guidance_scale)
         step = sde_step_with_logprob(
-            x, v, sigma_B, sigma_next_B, noise_level,
+            x, v, step_sigmas_T1[t], step_sigmas_T1[t + 1], noise_level,
             sigma_cap=sigma_cap, generator=generator, logprob_reduce=logprob_reduce,
         )
         states.append(x.reshape(B, -1))
@@ -294,8 +295,8 @@ def sample_sde(
         x = step.prev_sample
     steps = FlowSteps(
         x_t_B_T_D=torch.stack(states, 1),
-        sigma_B_T=sigmas_T1[:-1].expand(B, T).clone(),
-        sigma_next_B_T=sigmas_T1[1:].expand(B, T).clone(),
+        sigma_B_T=step_sigmas_T1[:-1].expand(B, T).clone(),
+        sigma_next_B_T=step_sigmas_T1[1:].expand(B, T).clone(),
         latent_shape=latent_shape,
         cond=cond,
         guidance_scale=float(guidance_scale),

@@ -114,6 +114,17 @@ class CausalLMAdapter:
     def check_pair(self, teacher_dir_or_tok: Any, student_tok: Any | None = None) -> None:
         check_tokenizers_match(teacher_dir_or_tok, student_tok or self.tokenizer)
 
+    @staticmethod
+    def check_tokenizer_of(path: str, tokenizer: Any, name: str) -> None:
+        """Refuse a checkpoint whose tokenizer is not the run's (before any compute)."""
+        from transformers import AutoTokenizer
+
+        try:
+            theirs = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"models.{name}.path: cannot load a tokenizer from '{path}' ({str(e).strip().splitlines()[0]}); check the path") from None
+        check_tokenizers_match(theirs, tokenizer, teacher_name=f"models.{name}", student_name="run")
+
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         """A standard HF checkpoint (merged, if LoRA) plus the tokenizer."""
         m = model

@@ -1,0 +1,277 @@
+"""Diffusers SD3-style pipelines for the flow modality: tiny random-init builds, CFG velocity, save/load.
+
+A tiny pipeline is a standard `StableDiffusion3Pipeline` (SD3Transformer2DModel +
+FlowMatchEulerDiscreteScheduler + two CLIP text encoders, no T5) built without any
+download: the CLIP tokenizer is a BPE over the given words, written from memory.  It
+works in latent space (a tiny random-init AutoencoderKL, `vae=True`) or in pixel space
+(`vae=False`: the transformer sees the image scaled to [-1, 1]; a random VAE decodes
+noise, so pixel space is the one to train a task like `shapes` on from scratch).
+`save_pipeline` writes a normal diffusers directory; `load_pipeline` reads it back
+(components saved as null -- T5, or the VAE in pixel space -- are passed as None).
+
+    python -c "from mmdistill.modalities.flow.pipelines import build_tiny_sd3_pipeline as b; print(b(['a', 'red', 'circle']).transformer.config)"
+"""
+from __future__ import annotations
+
+import json
+import string
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from mmdistill.modalities.flow.sde import LogprobReduce, VelocityFn, sample_sde
+from mmdistill.rollout import Rollout
+
+__all__ = [
+    "build_clip_tokenizer",
+    "build_tiny_sd3_pipeline",
+    "save_pipeline",
+    "load_pipeline",
+    "scheduler_sigmas",
+    "encode_prompts",
+    "velocity",
+    "velocity_fn",
+    "latent_shape",
+    "encode_images",
+    "decode_latents",
+    "sample_pipeline",
+]
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def build_clip_tokenizer(words: Sequence[str], max_length: int = 16) -> Any:
+    """A `CLIPTokenizer` whose BPE turns each of `words` (lower-cased) into one token;
+    other words fall back to letters and digits.  Built offline, saved and loaded like any CLIP tokenizer."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for ch in string.ascii_lowercase + string.digits:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words}):
+        if not word.isalnum() or not word.isascii():
+            raise ValueError(f"tokenizer words must be ASCII letters/digits; got {word!r}")
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = parts[0]
+        for part in parts[1:]:
+            if (merged, part) not in merges:
+                merges.append((merged, part))
+            merged += part
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny_sd3_pipeline(
+    words: Sequence[str],
+    *,
+    image_size: int = 32,
+    vae: bool = False,
+    latent_channels: int = 4,
+    vae_channels: int = 8,
+    vae_blocks: int = 2,
+    patch_size: int = 2,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    max_length: int = 16,
+    shift: float = 3.0,
+    seed: int = 0,
+) -> Any:
+    """A random-init `StableDiffusion3Pipeline` sized by flat arguments (a config section's keys).
+
+    vae=False: pixel space, 3 channels, latent = image.  vae=True: a tiny AutoencoderKL with
+    `vae_blocks` blocks of `vae_channels` (downsampling 2^(vae_blocks-1)) and `latent_channels`.
+    `words` sets the tokenizer vocabulary (e.g. `shapes.VOCABULARY`).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    down = 2 ** (vae_blocks - 1) if vae else 1
+    if image_size % (down * patch_size):
+        raise ValueError(
+            f"image_size {image_size} must be divisible by the VAE downsampling ({down}) times patch_size ({patch_size})"
+        )
+    latent_size = image_size // down
+    tokenizer = build_clip_tokenizer(words, max_length)
+    text_cfg = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size, projection_dim=text_hidden_size,
+        num_attention_heads=text_heads, num_hidden_layers=text_layers, max_position_embeddings=max_length,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(text_cfg)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    torch.manual_seed(seed + 2)
+    channels = latent_channels if vae else 3
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=patch_size, in_channels=channels, out_channels=channels,
+        num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        joint_attention_dim=2 * text_hidden_size,  # the two CLIP hidden states, concatenated
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=2 * text_hidden_size,  # the two pooled projections, concatenated
+        pos_embed_max_size=latent_size // patch_size,
+    )
+    autoencoder = None
+    if vae:
+        torch.manual_seed(seed + 3)
+        autoencoder = AutoencoderKL(
+            sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
+            block_out_channels=(vae_channels,) * vae_blocks, layers_per_block=1, norm_num_groups=1,
+            down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=autoencoder,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
+    """A standard diffusers pipeline directory (model_index.json + one folder per component, safetensors)."""
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def load_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """`DiffusionPipeline.from_pretrained(path)`, passing None for components saved as null (no T5, no VAE)."""
+    from diffusers import DiffusionPipeline
+
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    missing = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(path), **missing)  # the dtype keyword was renamed in 0.4x
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=torch_dtype)
+
+
+def scheduler_sigmas(scheduler: Any, num_steps: int, mu: float | None = None) -> Tensor:
+    """The `[num_steps + 1]` sigmas (last 0) the scheduler uses, on CPU; the scheduler itself is not
+    modified.  `mu` is the resolution shift of dynamic-shifting schedulers (Flux, SD3.5 with it on)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+        raise TypeError(f"the flow modality needs a FlowMatchEulerDiscreteScheduler; got {type(scheduler).__name__}")
+    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    fresh.set_timesteps(num_steps, device="cpu", mu=mu)
+    return fresh.sigmas.clone()
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str], negative_prompt: str = "", max_sequence_length: int = 256) -> dict[str, Tensor]:
+    """The SD3 condition of each prompt and of the negative prompt (for CFG), batch-major:
+    `prompt_embeds [B, L, E]`, `pooled_prompt_embeds [B, P]` and their `negative_` twins.
+    `max_sequence_length` zero T5 tokens are appended (no T5 encoder), as diffusers does."""
+    prompts = list(prompts)
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None,
+        negative_prompt=[negative_prompt] * len(prompts),
+        do_classifier_free_guidance=True, device=pipe.transformer.device, max_sequence_length=max_sequence_length,
+    )
+    return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
+
+
+def velocity(
+    transformer: Any,
+    x_t_B_C_H_W: Tensor,
+    sigma_B: Tensor,
+    cond: dict[str, Tensor],
+    guidance_scale: float = 1.0,
+    num_train_timesteps: int = 1000,
+) -> Tensor:
+    """The transformer's velocity at noise level sigma (timestep `sigma * num_train_timesteps`).
+
+    guidance_scale > 1: classifier-free guidance `v_u + g (v_c - v_u)` from one batched call
+    on [negative; positive], as StableDiffusion3Pipeline does; otherwise the conditional v.
+    Returned in float32 (or the input's wider dtype)."""
+    out_dtype = torch.promote_types(x_t_B_C_H_W.dtype, torch.float32)
+    x = x_t_B_C_H_W.to(transformer.dtype)
+    timestep_B = sigma_B.to(x.device, torch.float32) * num_train_timesteps
+    if guidance_scale > 1:
+        v = transformer(
+            hidden_states=torch.cat([x, x]),
+            timestep=torch.cat([timestep_B, timestep_B]),
+            encoder_hidden_states=torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]]),
+            pooled_projections=torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]]),
+            return_dict=False,
+        )[0]
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_cond - v_uncond)
+    else:
+        v = transformer(
+            hidden_states=x, timestep=timestep_B, encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False,
+        )[0]
+    return v.to(out_dtype)
+
+
+def velocity_fn(transformer: Any, num_train_timesteps: int = 1000) -> VelocityFn:
+    """`velocity` bound to one transformer: the `VelocityFn` that `sde.sample_sde` and `sde.step_velocities` take."""
+    return partial(velocity, transformer, num_train_timesteps=num_train_timesteps)
+
+
+def latent_shape(pipe: Any, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the transformer's input for a square image of `image_size` pixels."""
+    down = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    if image_size % down:
+        raise ValueError(f"image_size {image_size} must be divisible by the VAE downsampling factor {down}")
+    return (pipe.transformer.config.in_channels, image_size // down, image_size // down)
+
+
+@torch.no_grad()
+def encode_images(pipe: Any, images_B_3_H_W: Tensor) -> Tensor:
+    """Images in [0, 1] -> the transformer's latents (VAE mode, then `(z - shift) * scale`; pixel space: `2x - 1`)."""
+    x = images_B_3_H_W.float() * 2 - 1
+    if pipe.vae is None:
+        return x
+    z = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mode()
+    return ((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents_B_C_H_W: Tensor) -> Tensor:
+    """The transformer's latents -> images in [0, 1] `[B, 3, H, W]` (float32)."""
+    z = latents_B_C_H_W.float()
+    if pipe.vae is not None:
+        z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        z = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0].float()
+    return ((z + 1) / 2).clamp(0, 1)
+
+
+def sample_pipeline(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    image_size: int,
+    num_steps: int = 10,
+    guidance_scale: float = 4.5,
+    noise_level: float = 0.7,
+    logprob_reduce: LogprobReduce = "sum",
+    generator: torch.Generator | None = None,
+    negative_prompt: str = "",
+    max_sequence_length: int = 256,
+    mu: float | None = None,
+) -> Rollout:
+    """Encode `prompts`, draw the initial noise, run `sde.sample_sde` with the pipeline's
+    transformer and scheduler sigmas.  `context` is the list of prompts; `extras["x0_B_C_H_W"]`
+    the final latents (`decode_latents` turns them into images)."""
+    device = pipe.transformer.device
+    cond = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length)
+    noise = torch.randn((len(prompts), *latent_shape(pipe, image_size)), generator=generator, device=device)
+    sigmas = scheduler_sigmas(pipe.scheduler, num_steps, mu).to(device)
+    return sample_sde(
+        velocity_fn(pipe.transformer, pipe.scheduler.config.num_train_timesteps), noise, sigmas, cond,
+        guidance_scale=guidance_scale, noise_level=noise_level, logprob_reduce=logprob_reduce,
+        generator=generator, context=list(prompts),
+    )
