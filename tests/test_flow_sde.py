@@ -25,6 +25,7 @@ from mmdistill.stepdist import Gaussian
 
 torch.set_num_threads(1)
 diffusers = pytest.importorskip("diffusers")
+A = 0.7  # noise level
 
 
 class LinearVelocity(torch.nn.Module):
@@ -136,19 +137,23 @@ def test_noise_level_zero_rollout_reproduces_diffusers_sd3_pipeline_step_for_ste
 
 
 def test_step_kl_closed_form_matches_monte_carlo():
+    """KL(student step || teacher step) at one state: w(t) ||v_s - v_t||^2 and Gaussian.kl agree
+    with the sample mean of log p_s(x') - log p_t(x') over x' drawn by the student's SDE step."""
     torch.manual_seed(0)
-    D = 3
-    mu_p, mu_q = torch.randn(1, 1, D, dtype=torch.float64), torch.randn(1, 1, D, dtype=torch.float64)
-    std = torch.full((1, 1, 1), 0.8, dtype=torch.float64)
-    mask = torch.ones(1, 1, dtype=torch.float64)
-    p, q = Gaussian(mu_p, std, mask), Gaussian(mu_q, std, mask)
-    N = 200_000
-    a = mu_p + std * torch.randn(N, 1, D, dtype=torch.float64)
-    ones = torch.ones(N, 1, dtype=torch.float64)
-    samples = Gaussian(mu_p.expand(N, 1, D), std, ones).log_prob(a) - Gaussian(mu_q.expand(N, 1, D), std, ones).log_prob(a)
+    N, D, sigma, sigma_next = 100_000, 3, 0.7, 0.55
+    x = torch.randn(1, D, dtype=torch.float64).expand(N, D)
+    v_s = torch.randn(1, D, dtype=torch.float64).expand(N, D)
+    v_t = v_s + 0.5 * torch.randn(1, D, dtype=torch.float64)
+    student = sde_step_with_logprob(x, v_s, sigma, sigma_next, A, generator=torch.Generator().manual_seed(1))
+    teacher = sde_step_with_logprob(x, v_t, sigma, sigma_next, A, prev_sample=student.prev_sample)
+    samples = student.log_prob_B - teacher.log_prob_B
     mc, se = samples.mean(), samples.std() / math.sqrt(N)
-    closed = p.kl(q)[0, 0]
+    closed = sde_step_kl_weight(torch.tensor(sigma, dtype=torch.float64), sigma_next, A) * (v_s[0] - v_t[0]).square().sum()
     assert abs(float(mc - closed)) < 5 * float(se), (float(mc), float(closed), float(se))
+    std = student.std_B[:1].reshape(1, 1, 1)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    kl = Gaussian(student.mean[:1, None], std, one).kl(Gaussian(teacher.mean[:1, None], std, one))[0, 0]
+    torch.testing.assert_close(kl, closed, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("include_sigma_one", [False, True])

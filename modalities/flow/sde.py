@@ -332,7 +332,7 @@ def step_velocities(velocity_fn: VelocityFn, rollout: Rollout, guidance_scale: f
         if not active[t]:
             vs.append(s.x_t_B_T_D.new_zeros(B, D))
             continue
-        v = velocity_fn(s.x_t(t), s.sigma_B_T[:, t], s.cond, g)
+        v = velocity_fn(s.x_t(t), s.sigma_B_T[:, t].float(), s.cond, g)  # float32 sigmas, as when sampling
         vs.append(v.reshape(B, D).to(s.x_t_B_T_D.dtype))
     return torch.stack(vs, 1)
 

@@ -15,7 +15,7 @@ Rewards read pixels only (batched, no model):
 - `position_reward`: the centroids of the two colours are displaced along the relation's
   axis by at least a quarter of the image (0 if a colour is missing).
 
-    python -c "from mmdistill.modalities.flow.shapes import *; p = train_prompts()[0]; print(p.text, color_reward(render(p)[None], [p]))"
+    python -c "from mmdistill.modalities.flow.shapes import *; p = split_prompts('train')[0]; print(p.text, color_reward(render(p)[None], [p]))"
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ __all__ = [
     "all_prompts",
     "parse_prompt",
     "split_of",
-    "train_prompts",
-    "test_prompts",
+    "split_prompts",
     "sample_prompts",
     "render",
     "render_batch",
@@ -113,16 +112,16 @@ def split_of(prompt: ShapesPrompt, test_fraction: float = 0.25) -> Split:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def train_prompts(test_fraction: float = 0.25) -> list[ShapesPrompt]:
-    return [p for p in all_prompts() if split_of(p, test_fraction) == "train"]
-
-
-def test_prompts(test_fraction: float = 0.25) -> list[ShapesPrompt]:
-    return [p for p in all_prompts() if split_of(p, test_fraction) == "test"]
+def split_prompts(split: Split, test_fraction: float = 0.25) -> list[ShapesPrompt]:
+    """Every prompt of one split ("train" or "test"), in `all_prompts` order."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    return [p for p in all_prompts() if split_of(p, test_fraction) == split]
 
 
 def sample_prompts(rng: random.Random, n: int, split: Split = "train", test_fraction: float = 0.25) -> list[ShapesPrompt]:
-    pool = train_prompts(test_fraction) if split == "train" else test_prompts(test_fraction)
+    """`n` prompts drawn with replacement from one split."""
+    pool = split_prompts(split, test_fraction)
     return [rng.choice(pool) for _ in range(n)]
 
 
