@@ -58,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite and run_dir.exists():
         import shutil
 
+        if not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
+            raise MmdistillError(f"--overwrite: {run_dir} is not an mmdistill run directory (no config.yaml); refusing to delete it")
         shutil.rmtree(run_dir)
     run_pipeline(cfg, quiet=args.quiet)
     return 0

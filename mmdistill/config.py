@@ -3,7 +3,7 @@
 Every key is checked before any compute: an unknown key, a wrong type or a
 missing file is refused with one line naming the key path and the fix.
 
-    mmdistill train configs/text/quickstart.yaml train.steps=10
+    mmdistill train configs/text/quickstart.yaml stages.student_opd.train.steps=10
 """
 from __future__ import annotations
 
@@ -362,7 +362,9 @@ def config_from_raw(raw: dict) -> RunConfig:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A path on disk, or one inside the packaged configs (`configs/text/quickstart.yaml`)."""
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"'{path}' is a directory; give a YAML config file (to continue a run: mmdistill train --resume {path})")
     if p.exists():
         return p
     import mmdistill.configs as pkg
@@ -384,6 +386,8 @@ def validate(cfg: RunConfig) -> None:
     for name, m in cfg.models.items():
         if (m.path is None) == (m.tiny is None):
             raise ConfigError(f"models.{name}: give exactly one of 'path' (checkpoint) or 'tiny' (random init)")
+        if m.path is not None and m.path.startswith("~"):
+            m.path = str(Path(m.path).expanduser())
         if m.path is not None and _looks_local(m.path) and not Path(m.path).exists():
             raise ConfigError(
                 f"models.{name}.path: checkpoint '{m.path}' does not exist; fix the path or train it first"
@@ -414,22 +418,43 @@ def validate(cfg: RunConfig) -> None:
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(OBJECTIVES.names())}"
                 raise ConfigError(f"{where}.objective.type: unknown objective '{otype}'; {hint}")
             obj_cls = OBJECTIVES.get(otype)
-            check_kwargs(obj_cls, obj, f"{where}.objective")
-            if getattr(obj_cls, "needs_teacher", False) and st.teacher is None:
+            try:  # building it is cheap and checks value ranges before any stage runs
+                objective = obj_cls(**check_kwargs(obj_cls, obj, f"{where}.objective"))
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e}") from None
+            if objective.needs_teacher and st.teacher is None:
                 raise ConfigError(f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher")
+            if getattr(objective, "policy_gradient", False) and st.rollout.temperature <= 0:
+                raise ConfigError(f"{where}.rollout.temperature: '{otype}' learns from sampled tokens and needs temperature > 0")
+            _check_positive(st, where)
             if st.task is not None:
                 _check_task(st.task, f"{where}.task", TASKS)
-            if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
-                raise ConfigError(f"{where}.train.micro_batch_size must divide train.batch_size")
-            if st.train.batch_size % st.rollout.group_size:
-                raise ConfigError(f"{where}.train.batch_size must be a multiple of rollout.group_size")
         else:
+            _check_positive(st, where)
             if not st.evaluate:
                 raise ConfigError(f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}")
             for key, ref in st.evaluate.items():
                 if ref not in refs:
                     raise ConfigError(f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
         seen.append(st.name)
+
+
+def _check_positive(st: StageConfig, where: str) -> None:
+    for section, key, low in (
+        ("train", "steps", 0), ("train", "batch_size", 1), ("train", "micro_batch_size", 1), ("train", "log_every", 1),
+        ("train", "chunk_size", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
+        ("rollout", "group_size", 1), ("rollout", "max_new_tokens", 1), ("rollout", "temperature", 0.0),
+        ("eval", "n", 1), ("eval", "batch_size", 1), ("eval", "k", 1), ("eval", "max_new_tokens", 1), ("eval", "temperature", 0.0),
+    ):
+        value = getattr(getattr(st, section), key)
+        if value is not None and value < low:
+            raise ConfigError(f"{where}.{section}.{key}: {value} is below the smallest allowed value {low}")
+    if st.eval.k > 1 and st.eval.temperature <= 0:
+        raise ConfigError(f"{where}.eval.k={st.eval.k} needs eval.temperature > 0 (greedy samples are all the same)")
+    if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
+        raise ConfigError(f"{where}.train.micro_batch_size={st.train.micro_batch_size} must divide train.batch_size={st.train.batch_size}")
+    if st.train.batch_size % st.rollout.group_size:
+        raise ConfigError(f"{where}.train.batch_size={st.train.batch_size} must be a multiple of rollout.group_size={st.rollout.group_size}")
 
 
 def _check_task(task: dict, where: str, TASKS: Any) -> None:

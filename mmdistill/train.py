@@ -14,6 +14,7 @@ and the data position, so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import random
@@ -47,13 +48,16 @@ class RunContext:
     stage_results: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self, ref: str) -> ModelConfig:
-        """A `models` entry, or the final checkpoint of an earlier stage."""
+        """A `models` entry, or the final checkpoint of an earlier stage (keeping the dtype,
+        LoRA and remote-code settings of the model that stage trained)."""
         if ref in self.cfg.models:
             return self.cfg.models[ref]
         final = self.run_dir / ref / "final"
         if not (final / "config.json").exists():
             raise CheckpointError(f"stage '{ref}' has no final checkpoint at {final}; run that stage first (or resume the run)")
-        return ModelConfig(path=str(final))
+        stage = next(s for s in self.cfg.stages if s.name == ref)
+        origin = self.model_config(stage.student) if stage.student else ModelConfig(path=str(final))
+        return dataclasses.replace(origin, path=str(final), tiny=None, revision=None)
 
     def build_task(self, spec: dict | None) -> Any:
         if spec is None:
@@ -104,14 +108,21 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     task = ctx.build_task(st.task)
     objective = build_objective(st.objective, f"stages.{st.name}")
     tc, rc = st.train, st.rollout
+    adapter.chunk_size = tc.chunk_size
+    torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
 
-    student = adapter.load_model(ctx.model_config(st.student), st.student)
+    if (stage_dir / "final" / "config.json").exists():  # trained, killed before its result was written
+        model = adapter.load_model(ctx.model_config(st.name), st.name).eval()
+        return _finish_stage(ctx, st, task, model, train_seconds=0.0)
+
+    student_cfg = ctx.model_config(st.student)
+    student = adapter.load_model(student_cfg, st.student)
+    # low-precision students keep fp32 master weights; forward passes run under autocast
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[student_cfg.dtype]
+    student.float()
     teacher = None
     if objective.needs_teacher:
-        tcfg = ctx.model_config(st.teacher)
-        if tcfg.path is not None:
-            adapter.check_pair(tcfg.path)
-        teacher = adapter.load_model(tcfg, st.teacher).eval().requires_grad_(False)
+        teacher = adapter.load_model(ctx.model_config(st.teacher), st.teacher).eval().requires_grad_(False)
     reference = copy.deepcopy(student).eval().requires_grad_(False) if objective.needs_reference else None
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -133,25 +144,23 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     group = rc.group_size
     prompts_per_step = tc.batch_size // group
     micro = tc.micro_batch_size or tc.batch_size
-    pg_temperature = rc.temperature if getattr(objective, "source", None) == "student" and st.objective["type"] in ("opd", "grpo") else getattr(objective, "temperature", 1.0)
+    # policy-gradient objectives score at the sampling temperature (ratios against behaviour log-probs)
+    score_temperature = rc.temperature if getattr(objective, "policy_gradient", False) else objective.temperature
+    autocast = torch.autocast(adapter.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     t0 = time.time()
     bar = tqdm(range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=ctx.quiet, dynamic_ncols=True)
     for step in bar:
         rng = random.Random(step_seed(cfg.seed, st.name, step, "data"))
         gen = torch.Generator(device=adapter.device).manual_seed(step_seed(cfg.seed, st.name, step, "sample"))
         problems = [p for p in sample_train(task, rng, prompts_per_step) for _ in range(group)]
-        questions = [p.question for p in problems]
         source = objective.pick_source(rng)
 
         # 1. rollout
-        if source == "dataset":
-            rollout = adapter.dataset_rollout(questions, [p.solution for p in problems])
-        else:
-            policy = acc.unwrap_model(student) if source == "student" else teacher
-            rollout = adapter.sample(policy, questions, rc.max_new_tokens, rc.temperature, gen)
-            texts = adapter.decode(rollout)
-            rollout.rewards_B = torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=adapter.device)
+        with autocast:
+            rollout = _rollout(adapter, source, acc.unwrap_model(student), teacher, task, problems, rc, gen)
         rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
+        if hasattr(objective, "prepare"):
+            objective.prepare(rollout)
         normalizer = max(rollout.num_steps(), 1)
 
         # 2-4. score, objective, backward (micro-batches, normalised by the global step count)
@@ -159,14 +168,15 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         loss_total = 0.0
         for i in range(0, rollout.batch_size, micro):
             mb = rollout.select(slice(i, i + micro))
-            student_dist = adapter.step_dist(student, mb, temperature=pg_temperature)
-            teacher_dist = ref_dist = None
-            with torch.no_grad():
-                if teacher is not None:
-                    teacher_dist = adapter.step_dist(teacher, mb, temperature=pg_temperature)
-                if reference is not None:
-                    ref_dist = adapter.step_dist(reference, mb, temperature=pg_temperature)
-            loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer)))
+            with autocast:
+                student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
+                teacher_dist = ref_dist = None
+                with torch.no_grad():
+                    if teacher is not None and objective.scores_with_teacher:
+                        teacher_dist = adapter.step_dist(teacher, mb, temperature=score_temperature)
+                    if reference is not None:
+                        ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
+                loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer)))
             acc.backward(loss)
             loss_total += float(loss.detach())
             w = mb.batch_size / rollout.batch_size
@@ -197,11 +207,32 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     train_seconds = time.time() - t0
 
     final_model = acc.unwrap_model(student)
+    if compute_dtype != torch.float32:
+        final_model = final_model.to(compute_dtype)
     with atomic_dir(stage_dir / "final") as tmp:
         adapter.save(final_model, tmp)
-    ev = evaluate(adapter, final_model, task, st.eval, seed=cfg.seed)
-    plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})")
-    return {"kind": "train", "objective": st.objective["type"], "steps": tc.steps, "train_seconds": round(train_seconds, 1), "eval": ev}
+    return _finish_stage(ctx, st, task, final_model, train_seconds)
+
+
+def _rollout(adapter: Any, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any) -> Any:
+    """Student or teacher samples (with verifier rewards), or the dataset's own completions."""
+    questions = [p.question for p in problems]
+    if source == "dataset":
+        return adapter.dataset_rollout(questions, [p.solution for p in problems])
+    rollout = adapter.sample(student if source == "student" else teacher, questions, rc.max_new_tokens, rc.temperature, gen)
+    texts = adapter.decode(rollout)
+    rollout.rewards_B = torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=adapter.device)
+    return rollout
+
+
+def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float) -> dict[str, Any]:
+    ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed)
+    stage_dir = ctx.run_dir / st.name
+    try:
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})")
+    except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
+        print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
+    return {"kind": "train", "objective": st.objective["type"], "steps": st.train.steps, "train_seconds": round(train_seconds, 1), "eval": ev}
 
 
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:

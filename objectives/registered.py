@@ -46,6 +46,8 @@ class SFT:
     needs_teacher = False
     needs_reference = False
     needs_rewards = False
+    scores_with_teacher = False  # the teacher (source=teacher) only writes the completions
+    temperature = 1.0
 
     def __init__(self, source: Literal["dataset", "teacher"] = "dataset"):
         self.source = source
@@ -71,11 +73,16 @@ class _Divergence:
     needs_teacher = True
     needs_reference = False
     needs_rewards = False
+    scores_with_teacher = True
     beta: float
 
     def __init__(self, beta: float, source: Source = "student", topk: int | None = None, temperature: float = 1.0):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"objective.beta must lie in [0, 1], got {beta}")
+        if temperature <= 0:
+            raise ValueError(f"objective.temperature must be > 0, got {temperature}")
+        if topk is not None and topk < 1:
+            raise ValueError(f"objective.topk must be >= 1 (or null for the full vocabulary), got {topk}")
         self.beta, self.source, self.topk, self.temperature = beta, source, topk, temperature
 
     def pick_source(self, rng: random.Random) -> str:
@@ -135,9 +142,15 @@ class OPD:
     needs_teacher = True
     needs_reference = False
     needs_rewards = False
+    scores_with_teacher = True
     source = "student"
+    policy_gradient = True  # scored at the rollout temperature, so ratios compare like with like
 
     def __init__(self, coef: float = 1.0, gamma: float = 0.0, clip_eps: float | None = None):
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"objective.gamma must lie in [0, 1], got {gamma}")
+        if clip_eps is not None and not 0.0 < clip_eps < 1.0:
+            raise ValueError(f"objective.clip_eps must lie in (0, 1) or be null, got {clip_eps}")
         self.coef, self.gamma, self.clip_eps = coef, gamma, clip_eps
 
     def pick_source(self, rng: random.Random) -> str:
@@ -160,19 +173,31 @@ class GRPO:
 
     needs_teacher = False
     needs_rewards = True
+    scores_with_teacher = False
     source = "student"
+    policy_gradient = True
 
     def __init__(self, clip_eps: float = 0.2, clip_eps_high: float | None = None, kl_beta: float = 0.04, scale_by_std: bool = True):
+        if not 0.0 < clip_eps < 1.0:
+            raise ValueError(f"objective.clip_eps must lie in (0, 1), got {clip_eps}")
+        if kl_beta < 0:
+            raise ValueError(f"objective.kl_beta must be >= 0, got {kl_beta}")
         self.clip_eps, self.clip_eps_high, self.kl_beta, self.scale_by_std = clip_eps, clip_eps_high, kl_beta, scale_by_std
         self.needs_reference = kl_beta > 0
 
     def pick_source(self, rng: random.Random) -> str:
         return "student"
 
+    def prepare(self, rollout: Rollout) -> None:
+        """Group advantages over the whole step's rollout, before it is cut into micro-batches."""
+        assert rollout.rewards_B is not None and rollout.group_ids_B is not None, "GRPO needs rewards and group ids"
+        rollout.extras["advantage_B"] = group_advantages(rollout.rewards_B, rollout.group_ids_B, scale_by_std=self.scale_by_std)
+
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
         r = b.rollout
-        assert r.rewards_B is not None and r.group_ids_B is not None, "GRPO needs rewards and group ids in the rollout"
-        adv_B = group_advantages(r.rewards_B, r.group_ids_B, scale_by_std=self.scale_by_std)
+        if "advantage_B" not in r.extras:
+            self.prepare(r)
+        adv_B = r.extras["advantage_B"]
         logp_B_T = b.student.log_prob(r.actions)
         ref_B_T = None
         if b.reference is not None:

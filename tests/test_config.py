@@ -127,3 +127,37 @@ def test_tokenizer_mismatch_refused_before_compute(tmp_path, tiny_raw, capsys):
     code, err = run_cli(capsys, "train", str(write(tmp_path, tiny_raw)))
     assert code == 2 and "tokenizers differ" in err and "models.teacher_init" in err
     assert not (Path(tiny_raw["run_dir"]) / "teacher_sft").exists()
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("stages.student_opd.objective.type=jsd", None),
+        ("rollout.group_size=0", "rollout.group_size: 0 is below the smallest allowed value 1"),
+        ("stages.student_opd.train.log_every=0", "train.log_every: 0 is below"),
+        ("eval.k=4", "eval.k=4 needs eval.temperature > 0"),
+        ("stages.student_opd.train.micro_batch_size=3", "micro_batch_size=3 must divide train.batch_size=8"),
+    ],
+)
+def test_values_checked_before_any_stage(tmp_path, tiny_raw, capsys, override, fragment):
+    code, err = run_cli(capsys, "train", str(write(tmp_path, tiny_raw)), override, "stages.student_opd.objective.beta=1.5" if fragment is None else "seed=0")
+    assert code == 2 and "\n" not in err
+    assert (fragment or "objective.beta must lie in [0, 1], got 1.5") in err, err
+    assert not (Path(tiny_raw["run_dir"]) / "teacher_sft").exists()
+
+
+def test_sft_from_teacher_needs_teacher(tmp_path, tiny_raw, capsys):
+    tiny_raw["stages"][0]["objective"] = {"type": "sft", "source": "teacher"}
+    code, err = run_cli(capsys, "train", str(write(tmp_path, tiny_raw)))
+    assert code == 2 and "stages.teacher_sft.teacher: objective 'sft' needs a teacher" in err
+
+
+def test_policy_gradient_needs_positive_temperature(tmp_path, tiny_raw, capsys):
+    tiny_raw["stages"][1]["objective"] = {"type": "opd"}
+    code, err = run_cli(capsys, "train", str(write(tmp_path, tiny_raw)), "stages.student_opd.rollout.temperature=0")
+    assert code == 2 and "needs temperature > 0" in err
+
+
+def test_directory_instead_of_config(tmp_path, capsys):
+    code, err = run_cli(capsys, "train", str(tmp_path))
+    assert code == 2 and "is a directory" in err

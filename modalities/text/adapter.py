@@ -115,7 +115,7 @@ class CausalLMAdapter:
         check_tokenizers_match(teacher_dir_or_tok, student_tok or self.tokenizer)
 
     @staticmethod
-    def check_tokenizer_of(path: str, tokenizer: Any, name: str) -> None:
+    def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
         """Refuse a checkpoint whose tokenizer is not the run's (before any compute)."""
         from transformers import AutoTokenizer
 
@@ -123,7 +123,7 @@ class CausalLMAdapter:
             theirs = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"models.{name}.path: cannot load a tokenizer from '{path}' ({str(e).strip().splitlines()[0]}); check the path") from None
-        check_tokenizers_match(theirs, tokenizer, teacher_name=f"models.{name}", student_name="run")
+        check_tokenizers_match(theirs, tokenizer, f"models.{name}", "run", compare_chat_template=compare_chat_template)
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         """A standard HF checkpoint (merged, if LoRA) plus the tokenizer."""
@@ -312,6 +312,11 @@ def check_model_tokenizer(model: torch.nn.Module, tokenizer: Any, path: str) -> 
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    if any(t in ("lm_head", "embed_tokens") for t in cfg.target_modules):
+        raise ConfigError(
+            "lora.target_modules: LoRA on lm_head/embed_tokens is not supported (re-scoring reads the head weight directly); "
+            "target attention/MLP projections"
+        )
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -329,7 +334,9 @@ def _tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
     }
 
 
-def check_tokenizers_match(teacher: Any, student: Any, teacher_name: str = "teacher", student_name: str = "student") -> None:
+def check_tokenizers_match(
+    teacher: Any, student: Any, teacher_name: str = "teacher", student_name: str = "student", compare_chat_template: bool = True
+) -> None:
     """Refuse a teacher/student pair whose tokenizers or chat templates differ."""
     from transformers import AutoTokenizer
 
@@ -350,9 +357,12 @@ def check_tokenizers_match(teacher: Any, student: Any, teacher_name: str = "teac
             f"{teacher_name} and {student_name} tokenizers differ ({diff}); on-policy distillation needs one shared "
             "tokenizer: pick models of one family or a cross-tokenizer objective"
         )
-    if a["chat_template"] != b["chat_template"]:
+    if compare_chat_template and a["chat_template"] != b["chat_template"]:
         raise CompatibilityError(
             f"{teacher_name} and {student_name} chat templates differ; set tokenizer.chat_template so both see the same prompts"
         )
-    if a["special"] != b["special"]:
-        raise CompatibilityError(f"{teacher_name} and {student_name} special tokens differ: {a['special']} vs {b['special']}")
+    if a["special"]["eos_token"] != b["special"]["eos_token"]:  # pad is set per run and does not change distributions
+        raise CompatibilityError(
+            f"{teacher_name} and {student_name} end-of-sequence tokens differ ({a['special']['eos_token']!r} vs {b['special']['eos_token']!r}); "
+            "use tokenizers of one family"
+        )
