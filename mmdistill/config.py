@@ -49,11 +49,22 @@ class LoraConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Initialise a smaller student from a teacher by keeping some of its decoder layers
+    (layer dropping, as in DistilBERT and Minitron); distillation then repairs the rest."""
+
+    source: str  # a name in `models` or an earlier stage
+    keep_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
-    """Where a model comes from: a checkpoint (`path`, a directory or hub id), or `tiny`."""
+    """Where a model comes from: a checkpoint (`path`, a directory or hub id), `tiny`
+    (random init), or `prune` (layers kept from another model)."""
 
     path: str | None = None
     tiny: TinyLMConfig | None = None
+    prune: PruneConfig | None = None
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
@@ -384,8 +395,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"adapter: unknown adapter '{cfg.adapter}'; known: {', '.join(ADAPTERS.names())}")
     _check_task(cfg.task, "task", TASKS)
     for name, m in cfg.models.items():
-        if (m.path is None) == (m.tiny is None):
-            raise ConfigError(f"models.{name}: give exactly one of 'path' (checkpoint) or 'tiny' (random init)")
+        if sum(x is not None for x in (m.path, m.tiny, m.prune)) != 1:
+            raise ConfigError(f"models.{name}: give exactly one of 'path' (checkpoint), 'tiny' (random init) or 'prune' (layers of another model)")
+        if m.prune is not None and not m.prune.keep_layers:
+            raise ConfigError(f"models.{name}.prune.keep_layers: empty; list the decoder layers to keep, e.g. [0, 3]")
         if m.path is not None and m.path.startswith("~"):
             m.path = str(Path(m.path).expanduser())
         if m.path is not None and _looks_local(m.path) and not Path(m.path).exists():
@@ -408,6 +421,11 @@ def validate(cfg: RunConfig) -> None:
                 if ref is not None and ref not in refs:
                     raise ConfigError(
                         f"{where}.{role}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
+                    )
+                prune = cfg.models[ref].prune if ref in cfg.models else None
+                if prune is not None and prune.source not in refs:
+                    raise ConfigError(
+                        f"models.{ref}.prune.source: '{prune.source}' is not a model or a stage before '{st.name}'; choose one of {refs}"
                     )
             obj = dict(st.objective)
             otype = obj.pop("type", None)
@@ -434,6 +452,9 @@ def validate(cfg: RunConfig) -> None:
             if not st.evaluate:
                 raise ConfigError(f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}")
             for key, ref in st.evaluate.items():
+                prune = cfg.models[ref].prune if ref in cfg.models else None
+                if prune is not None and prune.source not in refs:
+                    raise ConfigError(f"models.{ref}.prune.source: '{prune.source}' is not a model or a stage before '{st.name}'")
                 if ref not in refs:
                     raise ConfigError(f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
         seen.append(st.name)

@@ -57,7 +57,15 @@ class RunContext:
             raise CheckpointError(f"stage '{ref}' has no final checkpoint at {final}; run that stage first (or resume the run)")
         stage = next(s for s in self.cfg.stages if s.name == ref)
         origin = self.model_config(stage.student) if stage.student else ModelConfig(path=str(final))
-        return dataclasses.replace(origin, path=str(final), tiny=None, revision=None)
+        return dataclasses.replace(origin, path=str(final), tiny=None, prune=None, revision=None)
+
+    def load_model(self, ref: str) -> torch.nn.Module:
+        """Load a model by reference; a `prune` model is built from its source's kept layers."""
+        cfg = self.model_config(ref)
+        if cfg.prune is None:
+            return self.adapter.load_model(cfg, ref)
+        source = self.load_model(cfg.prune.source)
+        return self.adapter.prune_layers(source, cfg.prune.keep_layers, lora=cfg.lora, name=ref)
 
     def build_task(self, spec: dict | None) -> Any:
         if spec is None:
@@ -112,17 +120,17 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
 
     if (stage_dir / "final" / "config.json").exists():  # trained, killed before its result was written
-        model = adapter.load_model(ctx.model_config(st.name), st.name).eval()
+        model = ctx.load_model(st.name).eval()
         return _finish_stage(ctx, st, task, model, train_seconds=0.0)
 
     student_cfg = ctx.model_config(st.student)
-    student = adapter.load_model(student_cfg, st.student)
+    student = ctx.load_model(st.student)
     # low-precision students keep fp32 master weights; forward passes run under autocast
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[student_cfg.dtype]
     student.float()
     teacher = None
     if objective.needs_teacher:
-        teacher = adapter.load_model(ctx.model_config(st.teacher), st.teacher).eval().requires_grad_(False)
+        teacher = ctx.load_model(st.teacher).eval().requires_grad_(False)
     reference = copy.deepcopy(student).eval().requires_grad_(False) if objective.needs_reference else None
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -239,7 +247,7 @@ def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
-        model = ctx.adapter.load_model(ctx.model_config(ref), ref).eval()
+        model = ctx.load_model(ref).eval()
         ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed)
         out["results"][key] = {"model": ref, **ev}
         if not ctx.quiet:

@@ -120,3 +120,23 @@ def test_lora_student_saves_merged(adapter, tmp_path):
     r2 = adapter.sample(merged, QUESTIONS[:1], max_new_tokens=4, temperature=0.0)
     assert (tmp_path / "lora_adapter").exists()
     assert r.actions.tolist() == r2.actions.tolist()
+
+
+def test_prune_layers_keeps_cache_consistent(adapter):
+    """A layer-dropped copy samples with a KV cache exactly as it re-scores, and keeping all layers changes nothing."""
+    model = tiny(adapter, layers=4, seed=7)
+    small = adapter.prune_layers(model, [0, 3]).eval()
+    assert small.config.num_hidden_layers == 2 and len(small.get_decoder().layers) == 2
+    assert len(model.get_decoder().layers) == 4  # the source is untouched
+    r = adapter.sample(small, QUESTIONS, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.step_dist(small, r).log_prob(r.actions), r.behavior_logp_B_T, atol=2e-5, rtol=0)
+        same = adapter.prune_layers(model, [0, 1, 2, 3]).eval()
+        torch.testing.assert_close(adapter.step_dist(same, r).log_prob(r.actions), adapter.step_dist(model, r).log_prob(r.actions))
+
+
+def test_prune_layers_out_of_range(adapter):
+    from mmdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"keep_layers: \[5\] out of range for a model with 2 layers"):
+        adapter.prune_layers(tiny(adapter), [0, 5], name="student")

@@ -111,6 +111,29 @@ class CausalLMAdapter:
             model = apply_lora(model, cfg.lora)
         return model.to(self.device)
 
+    def prune_layers(self, model: torch.nn.Module, keep_layers: list[int], lora: LoraConfig | None = None, name: str = "model") -> torch.nn.Module:
+        """A copy of `model` with only `keep_layers` of its decoder (layer dropping)."""
+        import copy
+
+        base = copy.deepcopy(unwrap(model))
+        decoder = base.get_decoder()
+        layers = decoder.layers
+        bad = [i for i in keep_layers if not -len(layers) <= i < len(layers)]
+        if bad:
+            raise ConfigError(f"models.{name}.prune.keep_layers: {bad} out of range for a model with {len(layers)} layers")
+        kept = [layers[i] for i in keep_layers]
+        for new_idx, layer in enumerate(kept):  # the KV cache is indexed by layer_idx
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        decoder.layers = torch.nn.ModuleList(kept)
+        base.config.num_hidden_layers = len(kept)
+        if getattr(base.config, "layer_types", None):
+            base.config.layer_types = [base.config.layer_types[i] for i in keep_layers]
+        if lora is not None:
+            base = apply_lora(base, lora)
+        return base.to(self.device)
+
     def check_pair(self, teacher_dir_or_tok: Any, student_tok: Any | None = None) -> None:
         check_tokenizers_match(teacher_dir_or_tok, student_tok or self.tokenizer)
 
