@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mmdistill.checkpoint import atomic_dir, latest_checkpoint, load_training_state, save_training_state
 from mmdistill.config import ModelConfig, RunConfig, StageConfig, check_kwargs
-from mmdistill.errors import CheckpointError
+from mmdistill.errors import CheckpointError, MmdistillError
 from mmdistill.evaluate import evaluate
 from mmdistill.metrics import MetricsLogger, plot_curves
 from mmdistill.objectives.registered import ObjectiveBatch
@@ -111,6 +111,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     acc, adapter, cfg = ctx.accelerator, ctx.adapter, ctx.cfg
+    if acc.num_processes > 1:  # not yet: prompts are not sharded and token counts not all-reduced
+        raise MmdistillError(
+            f"training on {acc.num_processes} processes is not supported yet; run one process (one GPU or the CPU) per run"
+        )
     stage_dir = ctx.run_dir / st.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     task = ctx.build_task(st.task)
