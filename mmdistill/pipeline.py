@@ -54,7 +54,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
         with atomic_dir(tok_dir) as tmp:
             tokenizer.save_pretrained(str(tmp))
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
-        if m.path is not None and hasattr(adapter_cls, "check_pair"):
+        if m.path is not None and hasattr(adapter_cls, "check_tokenizer_of"):
             adapter_cls.check_tokenizer_of(m.path, tokenizer, name, compare_chat_template=cfg.tokenizer.chat_template is None)
     chunk = cfg.stages[0].train.chunk_size
     adapter = adapter_cls(tokenizer, device=acc.device, chunk_size=chunk)

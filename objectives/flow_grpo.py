@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from mmdistill.objectives.policy_gradient import check_same_shape, masked_sum, policy_gradient_loss, resolve_normalizer
+from mmdistill.objectives.policy_gradient import add_kl_penalty, check_same_shape, policy_gradient_loss
 
 __all__ = ["step_velocity_kl", "flow_grpo_kl", "flow_grpo_loss"]
 
@@ -87,9 +87,5 @@ def flow_grpo_loss(
         clip_eps=clip_eps, normalizer=normalizer,
     )
     if kl_B_T is not None:
-        if kl_beta:
-            loss = loss + float(kl_beta) * masked_sum(kl_B_T, mask_B_T) / resolve_normalizer(normalizer, mask_B_T, logp_B_T)
-        with torch.no_grad():
-            keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
-            metrics["kl"] = float(masked_sum(kl_B_T, keep) / keep.sum().clamp(min=1))
+        loss = add_kl_penalty(loss, metrics, kl_B_T, mask_B_T, kl_beta, normalizer, logp_B_T)
     return loss, metrics

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from mmdistill.objectives.policy_gradient import (
+    add_kl_penalty,
     check_same_shape,
-    masked_sum,
     policy_gradient_loss,
-    resolve_normalizer,
 )
 
 __all__ = ["group_advantages", "k3_kl", "grpo_loss"]
@@ -98,9 +97,5 @@ def grpo_loss(
     )
     if ref_logp_B_T is not None:
         kl_B_T = k3_kl(logp_B_T, ref_logp_B_T.detach())
-        if kl_beta:
-            loss = loss + float(kl_beta) * masked_sum(kl_B_T, mask_B_T) / resolve_normalizer(normalizer, mask_B_T, logp_B_T)
-        with torch.no_grad():
-            keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
-            metrics["kl"] = float(masked_sum(kl_B_T, keep) / keep.sum().clamp(min=1))
+        loss = add_kl_penalty(loss, metrics, kl_B_T, mask_B_T, kl_beta, normalizer, logp_B_T)
     return loss, metrics

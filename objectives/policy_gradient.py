@@ -8,9 +8,12 @@ Run its tests: ``pytest tests/test_objectives_pg.py -q``
 """
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-__all__ = ["discounted_cumsum", "policy_gradient_loss", "masked_sum", "resolve_normalizer", "check_same_shape"]
+import torch
+from torch import Tensor
+
+__all__ = ["discounted_cumsum", "policy_gradient_loss", "add_kl_penalty", "masked_sum", "resolve_normalizer", "check_same_shape"]
 
 _BLOCK = 64  # time steps solved in closed form per block of discounted_cumsum
 
@@ -145,3 +148,15 @@ def policy_gradient_loss(
         ]).tolist()
     metrics = {"ratio_mean": stats[0], "clip_fraction": stats[1], "advantage_mean": stats[2]}
     return loss, metrics
+
+
+def add_kl_penalty(
+    loss: Tensor, metrics: dict, kl_B_T: Tensor, mask_B_T: Tensor, kl_beta: float, normalizer: Any, like: Tensor
+) -> Tensor:
+    """`loss + kl_beta * sum(kl * mask) / normalizer`, recording the mean per-step KL in `metrics["kl"]`."""
+    if kl_beta:
+        loss = loss + float(kl_beta) * masked_sum(kl_B_T, mask_B_T) / resolve_normalizer(normalizer, mask_B_T, like)
+    with torch.no_grad():
+        keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
+        metrics["kl"] = float(masked_sum(kl_B_T, keep) / keep.sum().clamp(min=1))
+    return loss

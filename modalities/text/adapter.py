@@ -134,9 +134,6 @@ class CausalLMAdapter:
             base = apply_lora(base, lora)
         return base.to(self.device)
 
-    def check_pair(self, teacher_dir_or_tok: Any, student_tok: Any | None = None) -> None:
-        check_tokenizers_match(teacher_dir_or_tok, student_tok or self.tokenizer)
-
     @staticmethod
     def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
         """Refuse a checkpoint whose tokenizer is not the run's (before any compute)."""
