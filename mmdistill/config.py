@@ -45,7 +45,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | None = None  # null: the adapter's default (attention projections)
 
 
 @dataclass
@@ -58,13 +58,25 @@ class PruneConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Initialise a model as the weighted average of other models' weights (same architecture),
+    e.g. a Flow-OPD cold start that merges the expert teachers; weights default to equal."""
+
+    sources: list[str] = field(default_factory=list)  # names in `models` or earlier stages
+    weights: list[float] | None = None
+
+
+@dataclass
 class ModelConfig:
     """Where a model comes from: a checkpoint (`path`, a directory or hub id), `tiny`
-    (random init), or `prune` (layers kept from another model)."""
+    (random init, sized by the adapter's tiny config: `TinyLMConfig` for text,
+    `TinyFlowConfig` for flow), `prune` (layers kept from another model) or `merge`
+    (the average of other models)."""
 
     path: str | None = None
-    tiny: TinyLMConfig | None = None
+    tiny: dict[str, Any] | None = None  # checked against the adapter's tiny config in `validate`
     prune: PruneConfig | None = None
+    merge: MergeConfig | None = None
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
@@ -85,6 +97,11 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     group_size: int = 1  # rollouts per prompt (GRPO groups)
+    # flow models: SDE sampling (docs/objectives.md section 6)
+    num_steps: int = 10  # denoising steps
+    guidance_scale: float = 1.0  # classifier-free guidance (<= 1: none)
+    noise_level: float = 0.7  # the SDE's a; 0 = Euler ODE
+    logprob_reduce: Literal["sum", "mean"] = "sum"  # log-density over latent dims, or Flow-GRPO's mean
 
 
 @dataclass
@@ -111,6 +128,9 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     k: int = 1  # samples per problem for pass@k (k > 1 needs temperature > 0)
     split: str = "test"
+    num_steps: int = 10  # flow models: Euler ODE steps at evaluation
+    guidance_scale: float = 1.0  # flow models: classifier-free guidance at evaluation
+    grid: int = 16  # flow models: images in the sample grid written at every evaluation
 
 
 @dataclass
@@ -119,6 +139,8 @@ class StageConfig:
     kind: Literal["train", "eval"] = "train"
     student: str | None = None  # a key of `models` or the name of an earlier stage
     teacher: str | None = None
+    teachers: dict[str, str] = field(default_factory=dict)  # routing: prompt tag -> teacher (Flow-OPD)
+    anchor: str | None = None  # frozen task-agnostic model (Manifold Anchor Regularization)
     objective: dict[str, Any] = field(default_factory=lambda: {"type": "opd"})
     task: dict[str, Any] | None = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -305,7 +327,7 @@ def normalise(raw: dict) -> dict:
     sections are defaults for every stage (a stage's own keys win)."""
     raw = copy.deepcopy(raw)
     defaults = {k: raw.pop(k) for k in STAGE_DEFAULT_SECTIONS if k in raw}
-    stage_keys = {"student", "teacher", "kind", "name", "evaluate"}
+    stage_keys = {"student", "teacher", "teachers", "anchor", "kind", "name", "evaluate"}
     if "stages" not in raw:
         stage = {k: raw.pop(k) for k in list(raw) if k in stage_keys}
         raw["stages"] = [stage]
@@ -394,9 +416,23 @@ def validate(cfg: RunConfig) -> None:
     if cfg.adapter not in ADAPTERS:
         raise ConfigError(f"adapter: unknown adapter '{cfg.adapter}'; known: {', '.join(ADAPTERS.names())}")
     _check_task(cfg.task, "task", TASKS)
+    adapter_cls = ADAPTERS.get(cfg.adapter)
     for name, m in cfg.models.items():
-        if sum(x is not None for x in (m.path, m.tiny, m.prune)) != 1:
-            raise ConfigError(f"models.{name}: give exactly one of 'path' (checkpoint), 'tiny' (random init) or 'prune' (layers of another model)")
+        if sum(x is not None for x in (m.path, m.tiny, m.prune, m.merge)) != 1:
+            raise ConfigError(
+                f"models.{name}: give exactly one of 'path' (checkpoint), 'tiny' (random init), "
+                "'prune' (layers of another model) or 'merge' (average of other models)"
+            )
+        if isinstance(m.tiny, dict):
+            tiny_cls = getattr(adapter_cls, "tiny_config", None)
+            if tiny_cls is None:
+                raise ConfigError(f"models.{name}.tiny: adapter '{cfg.adapter}' cannot build random-init models; give a 'path'")
+            m.tiny = from_dict(tiny_cls, m.tiny, f"models.{name}.tiny")
+        if m.merge is not None:
+            if len(m.merge.sources) < 2:
+                raise ConfigError(f"models.{name}.merge.sources: list at least two models to average, e.g. [teacher_a, teacher_b]")
+            if m.merge.weights is not None and (len(m.merge.weights) != len(m.merge.sources) or abs(sum(m.merge.weights) - 1) > 1e-6):
+                raise ConfigError(f"models.{name}.merge.weights: give one weight per source, summing to 1 (or null for equal weights)")
         if m.prune is not None and not m.prune.keep_layers:
             raise ConfigError(f"models.{name}.prune.keep_layers: empty; list the decoder layers to keep, e.g. [0, 3]")
         if m.path is not None and m.path.startswith("~"):
@@ -422,11 +458,19 @@ def validate(cfg: RunConfig) -> None:
                     raise ConfigError(
                         f"{where}.{role}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
                     )
-                prune = cfg.models[ref].prune if ref in cfg.models else None
-                if prune is not None and prune.source not in refs:
-                    raise ConfigError(
-                        f"models.{ref}.prune.source: '{prune.source}' is not a model or a stage before '{st.name}'; choose one of {refs}"
-                    )
+                _check_derived(cfg, ref, refs, st.name)
+            for tag, ref in st.teachers.items():
+                if ref not in refs:
+                    raise ConfigError(f"{where}.teachers.{tag}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
+                _check_derived(cfg, ref, refs, st.name)
+            if st.anchor is not None:
+                if st.anchor not in refs:
+                    raise ConfigError(f"{where}.anchor: '{st.anchor}' is neither a model nor an earlier stage; choose one of {refs}")
+                _check_derived(cfg, st.anchor, refs, st.name)
+            if st.teachers and not getattr(adapter_cls, "supports_routing", False):
+                raise ConfigError(f"{where}.teachers: adapter '{cfg.adapter}' does not route prompts to several teachers; use {where}.teacher")
+            if st.teacher is not None and st.teachers:
+                raise ConfigError(f"{where}: give either 'teacher' (one model) or 'teachers' (routing tag -> model), not both")
             obj = dict(st.objective)
             otype = obj.pop("type", None)
             if otype is None:
@@ -440,8 +484,10 @@ def validate(cfg: RunConfig) -> None:
                 objective = obj_cls(**check_kwargs(obj_cls, obj, f"{where}.objective"))
             except ValueError as e:
                 raise ConfigError(f"{where}.{e}") from None
-            if objective.needs_teacher and st.teacher is None:
-                raise ConfigError(f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher")
+            if objective.needs_teacher and st.teacher is None and not st.teachers:
+                raise ConfigError(f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher (or {where}.teachers)")
+            if getattr(objective, "needs_anchor", False) and st.anchor is None:
+                raise ConfigError(f"{where}.anchor: objective '{otype}' with mar_coef > 0 needs an anchor model; set {where}.anchor or mar_coef=0")
             if getattr(objective, "policy_gradient", False) and st.rollout.temperature <= 0:
                 raise ConfigError(f"{where}.rollout.temperature: '{otype}' learns from sampled tokens and needs temperature > 0")
             _check_positive(st, where)
@@ -452,12 +498,23 @@ def validate(cfg: RunConfig) -> None:
             if not st.evaluate:
                 raise ConfigError(f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}")
             for key, ref in st.evaluate.items():
-                prune = cfg.models[ref].prune if ref in cfg.models else None
-                if prune is not None and prune.source not in refs:
-                    raise ConfigError(f"models.{ref}.prune.source: '{prune.source}' is not a model or a stage before '{st.name}'")
+                _check_derived(cfg, ref, refs, st.name)
                 if ref not in refs:
                     raise ConfigError(f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
         seen.append(st.name)
+
+
+def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> None:
+    """A pruned or merged model may only use models and stages that exist before `stage`."""
+    m = cfg.models.get(ref)
+    if m is None:
+        return
+    sources = [m.prune.source] if m.prune is not None else list(m.merge.sources) if m.merge is not None else []
+    for src in sources:
+        kind = "prune.source" if m.prune is not None else "merge.sources"
+        if src not in refs:
+            raise ConfigError(f"models.{ref}.{kind}: '{src}' is not a model or a stage before '{stage}'; choose one of {refs}")
+        _check_derived(cfg, src, refs, stage)
 
 
 def _check_positive(st: StageConfig, where: str) -> None:
@@ -466,6 +523,7 @@ def _check_positive(st: StageConfig, where: str) -> None:
         ("train", "chunk_size", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
         ("rollout", "group_size", 1), ("rollout", "max_new_tokens", 1), ("rollout", "temperature", 0.0),
         ("eval", "n", 1), ("eval", "batch_size", 1), ("eval", "k", 1), ("eval", "max_new_tokens", 1), ("eval", "temperature", 0.0),
+        ("rollout", "num_steps", 1), ("rollout", "noise_level", 0.0), ("eval", "num_steps", 1), ("eval", "grid", 0),
     ):
         value = getattr(getattr(st, section), key)
         if value is not None and value < low:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(adapter: Any, model: torch.nn.Module, task: Any, cfg: EvalConfig, seed: int = 0, show: int = 3) -> dict[str, Any]:
-    """Greedy accuracy (temperature 0) or sampled accuracy; pass@k with k samples per problem."""
+def evaluate(
+    adapter: Any, model: torch.nn.Module, task: Any, cfg: EvalConfig, seed: int = 0, show: int = 3,
+    out_dir: Path | None = None, tag: str = "eval",
+) -> dict[str, Any]:
+    """Greedy accuracy (temperature 0) or sampled accuracy; pass@k with k samples per problem.
+    An adapter with its own `evaluate` (flow: rewards on held-out prompts, sample grids written
+    to `out_dir/tag.png`) is used instead."""
+    if hasattr(adapter, "evaluate"):
+        return adapter.evaluate(model, task, cfg, seed=seed, out_dir=out_dir, tag=tag)
     problems = task.problems(cfg.split, cfg.n, seed=seed)
     if cfg.k > 1 and cfg.temperature <= 0:
         raise ValueError("eval.k > 1 needs eval.temperature > 0 (greedy samples are all the same)")

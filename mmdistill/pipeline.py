@@ -33,6 +33,13 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
+    try:
+        from diffusers.utils import logging as df_logging
+
+        df_logging.disable_progress_bar()
+        df_logging.set_verbosity_error()
+    except ImportError:  # the flow extra is optional
+        pass
     run_dir = Path(run_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
@@ -84,18 +91,22 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
 
 def build_report(stage_results: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Every eval stage's keys at the top level (`teacher_accuracy: 0.93`), plus per-stage details."""
+    from mmdistill.train import headline
+
     report: dict[str, Any] = {}
     for name, res in stage_results.items():
         if res.get("kind") == "eval":
-            for key, r in res["results"].items():
-                report[key] = r["accuracy"]
-        else:
+            for key, r in res["results"].items():  # text: the accuracy; flow: {color_reward: .., position_reward: ..}
+                report[key] = r["accuracy"] if "accuracy" in r else headline(r)
+        elif "accuracy" in res["eval"]:
             report[f"{name}_final_accuracy"] = res["eval"]["accuracy"]
+        else:
+            report[f"{name}_final"] = headline(res["eval"])
     t, b, a = (report.get(k) for k in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"))
     if None not in (t, b, a) and t > b:
         report["gap_closed"] = (a - b) / (t - b)
     report["stages"] = {
-        n: {k: v for k, v in r.items() if k != "eval"} | ({"accuracy": r["eval"]["accuracy"]} if "eval" in r else {})
+        n: {k: v for k, v in r.items() if k != "eval"} | (headline(r["eval"]) if "eval" in r else {})
         for n, r in stage_results.items()
     }
     report["seconds"] = round(seconds, 1)
@@ -104,13 +115,19 @@ def build_report(stage_results: dict[str, Any], seconds: float) -> dict[str, Any
 
 def print_table(report: dict[str, Any]) -> None:
     rows = [(k, v) for k, v in report.items() if isinstance(v, float) and k != "seconds"]
-    if not rows:
-        return
-    w = max(len(k) for k, _ in rows)
-    print("-" * (w + 12))
-    for k, v in rows:
-        print(f"{k:<{w}}  {v:8.3f}")
-    print("-" * (w + 12))
+    nested = [(k, v) for k, v in report.items() if isinstance(v, dict) and k != "stages" and v and all(isinstance(x, float) for x in v.values())]
+    if rows:
+        w = max(len(k) for k, _ in rows)
+        print("-" * (w + 12))
+        for k, v in rows:
+            print(f"{k:<{w}}  {v:8.3f}")
+        print("-" * (w + 12))
+    if nested:  # one row per model, one column per metric
+        cols = list(dict.fromkeys(c for _, v in nested for c in v))
+        w = max(len(k) for k, _ in nested)
+        print(f"{'':<{w}}  " + "  ".join(f"{c:>15}" for c in cols))
+        for k, v in nested:
+            print(f"{k:<{w}}  " + "  ".join(f"{v[c]:15.3f}" if c in v else f"{'':>15}" for c in cols))
 
 
 def plot_report(ctx: RunContext, png: Path) -> None:
@@ -122,26 +139,36 @@ def plot_report(ctx: RunContext, png: Path) -> None:
 
     from mmdistill.metrics import read_jsonl
 
-    evals = [(k, r["accuracy"]) for res in ctx.stage_results.values() if res.get("kind") == "eval" for k, r in res["results"].items()]
+    from mmdistill.train import headline
+
+    evals = [(k, headline(r)) for res in ctx.stage_results.values() if res.get("kind") == "eval" for k, r in res["results"].items()]
     curves = [(n, ctx.run_dir / n / "metrics.jsonl") for n, r in ctx.stage_results.items() if r.get("kind") == "train"]
     curves = [(n, p) for n, p in curves if p.exists()]
     if not evals and not curves:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    if evals:
-        axes[0].barh([k for k, _ in evals], [v for _, v in evals], color="tab:blue")
-        axes[0].set_xlim(0, 1)
-        axes[0].set_xlabel("held-out accuracy")
-        for i, (_, v) in enumerate(evals):
-            axes[0].text(v + 0.01, i, f"{v:.2f}", va="center")
+    if evals:  # grouped horizontal bars: one group per model, one bar per metric
+        metrics = list(dict.fromkeys(m for _, h in evals for m in h if not m.startswith("pass@")))
+        height = 0.8 / max(len(metrics), 1)
+        for j, m in enumerate(metrics):
+            ys = [i + j * height for i in range(len(evals))]
+            vals = [h.get(m, 0.0) for _, h in evals]
+            axes[0].barh(ys, vals, height=height, label=m)
+            for y, v in zip(ys, vals):
+                axes[0].text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7)
+        axes[0].set_yticks([i + 0.4 - height / 2 for i in range(len(evals))], [k for k, _ in evals])
+        axes[0].set_xlim(0, 1.1)
+        axes[0].set_xlabel("held-out score")
+        if len(metrics) > 1:
+            axes[0].legend(fontsize=7)
     for name, path in curves:
         rows = read_jsonl(path)
         key = next((k for k in ("student_reward", "teacher_reward") if any(k in r for r in rows)), None)
         if key:
             axes[1].plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=f"{name}: {key}")
-        ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-        if ev:
-            axes[1].plot(*zip(*ev), "o--", label=f"{name}: eval accuracy")
+        for ek in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_")):
+            ev = [(r["step"], r[ek]) for r in rows if ek in r]
+            axes[1].plot(*zip(*ev), "o--", label=f"{name}: {ek}")
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
     if axes[1].get_legend_handles_labels()[0]:

@@ -64,5 +64,12 @@ def _load_builtins() -> None:
         "mmdistill.objectives.registered",
         "mmdistill.modalities.text.adapter",
         "mmdistill.modalities.text.registered_tasks",
+        "mmdistill.objectives.registered_flow",  # needs only torch
     ):
         importlib.import_module(mod)
+    for mod in ("mmdistill.modalities.flow.adapter", "mmdistill.modalities.flow.task"):
+        try:  # the flow extra (diffusers) may not be installed
+            importlib.import_module(mod)
+        except ImportError as e:
+            if "diffusers" not in str(e):
+                raise

@@ -219,3 +219,38 @@ class Gaussian:
     def entropy(self) -> Tensor:
         h = 0.5 * math.log(2 * math.pi * math.e) + self.std_B_T_D.log()
         return h.sum(-1) * self.mask_B_T
+
+
+class VelocityStepDist:
+    """A flow model's denoising step seen by objectives: its velocity `[B, T, D]` on the rollout's
+    states and, for stochastic (SDE) rollouts, the step Gaussian `N(mu(x_t, v), std^2)` built from it.
+
+    velocity_B_T_D:  the model's velocity at each state (with gradient for the student)
+    gaussian:        the SDE step distribution, None for deterministic (ODE / flow-matching) rollouts
+    kl_weight_B_T:   w(t) with `KL(step(v1) || step(v2)) = w(t) ||v1 - v2||^2` (None without noise)
+    dt_B_T:          sigma_next - sigma (< 0)
+    logprob_reduce:  "sum" (true log-density) or "mean" over D (Flow-GRPO's code), for `log_prob`
+    """
+
+    def __init__(
+        self,
+        velocity_B_T_D: Tensor,
+        gaussian: Gaussian | None,
+        kl_weight_B_T: Tensor | None,
+        dt_B_T: Tensor,
+        mask_B_T: Tensor,
+        logprob_reduce: str = "sum",
+    ):
+        self.velocity_B_T_D = velocity_B_T_D
+        self.gaussian = gaussian
+        self.kl_weight_B_T = kl_weight_B_T
+        self.dt_B_T = dt_B_T
+        self.mask_B_T = mask_B_T
+        self.logprob_reduce = logprob_reduce
+
+    def log_prob(self, actions_B_T_D: Tensor) -> Tensor:
+        """Log-probs `[B, T]` of the sampled next states on the rollout's convention."""
+        if self.gaussian is None:
+            raise ValueError("this rollout is deterministic (noise_level 0 or flow matching); it has no step log-probs")
+        lp_B_T = self.gaussian.log_prob(actions_B_T_D)
+        return lp_B_T if self.logprob_reduce == "sum" else lp_B_T / actions_B_T_D.shape[-1]

@@ -53,24 +53,63 @@ class RunContext:
         if ref in self.cfg.models:
             return self.cfg.models[ref]
         final = self.run_dir / ref / "final"
-        if not (final / "config.json").exists():
+        if not is_checkpoint(final):
             raise CheckpointError(f"stage '{ref}' has no final checkpoint at {final}; run that stage first (or resume the run)")
         stage = next(s for s in self.cfg.stages if s.name == ref)
         origin = self.model_config(stage.student) if stage.student else ModelConfig(path=str(final))
-        return dataclasses.replace(origin, path=str(final), tiny=None, prune=None, revision=None)
+        return dataclasses.replace(origin, path=str(final), tiny=None, prune=None, merge=None, revision=None)
 
     def load_model(self, ref: str) -> torch.nn.Module:
-        """Load a model by reference; a `prune` model is built from its source's kept layers."""
+        """Load a model by reference; a `prune` model is built from its source's kept layers,
+        a `merge` model is the weighted average of its sources' weights."""
         cfg = self.model_config(ref)
+        if cfg.merge is not None:
+            sources = [self.load_model(src) for src in cfg.merge.sources]
+            merged = merge_weights(sources, cfg.merge.weights, ref)
+            if cfg.lora is not None:
+                merged = self.adapter.add_lora(merged, cfg.lora)
+            return merged
         if cfg.prune is None:
             return self.adapter.load_model(cfg, ref)
         source = self.load_model(cfg.prune.source)
         return self.adapter.prune_layers(source, cfg.prune.keep_layers, lora=cfg.lora, name=ref)
 
+    def load_teacher(self, st: StageConfig) -> Any:
+        """The stage's frozen teacher, or {tag: teacher} when the stage routes prompts to teachers."""
+        if st.teachers:
+            return {tag: self.load_model(ref).eval().requires_grad_(False) for tag, ref in st.teachers.items()}
+        return self.load_model(st.teacher).eval().requires_grad_(False)
+
     def build_task(self, spec: dict | None) -> Any:
         if spec is None:
             return self.task
         return build_task(spec)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A finished model directory: a transformers (config.json) or diffusers (model_index.json) checkpoint."""
+    return (path / "config.json").exists() or (path / "model_index.json").exists()
+
+
+@torch.no_grad()
+def merge_weights(models: list[torch.nn.Module], weights: list[float] | None, name: str) -> torch.nn.Module:
+    """The weighted average of models of one architecture (model soup / expert merging); returns the first, updated."""
+    weights = weights or [1.0 / len(models)] * len(models)
+    states = [m.state_dict() for m in models]
+    for i, st in enumerate(states[1:], 1):
+        if st.keys() != states[0].keys() or any(st[k].shape != states[0][k].shape for k in st):
+            raise MmdistillError(
+                f"models.{name}.merge: source {i} does not have the architecture of source 0 "
+                "(different parameter names or shapes); merge only models fine-tuned from one base"
+            )
+    merged = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            merged[k] = sum(w * st[k].float() for w, st in zip(weights, states)).to(v.dtype)
+        else:
+            merged[k] = v
+    models[0].load_state_dict(merged)
+    return models[0]
 
 
 def build_task(spec: dict) -> Any:
@@ -123,7 +162,7 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     adapter.chunk_size = tc.chunk_size
     torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
 
-    if (stage_dir / "final" / "config.json").exists():  # trained, killed before its result was written
+    if is_checkpoint(stage_dir / "final"):  # trained, killed before its result was written
         model = ctx.load_model(st.name).eval()
         return _finish_stage(ctx, st, task, model, train_seconds=0.0)
 
@@ -132,9 +171,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     # low-precision students keep fp32 master weights; forward passes run under autocast
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[student_cfg.dtype]
     student.float()
-    teacher = None
-    if objective.needs_teacher:
-        teacher = ctx.load_model(st.teacher).eval().requires_grad_(False)
+    teacher = ctx.load_teacher(st) if objective.needs_teacher else None
+    anchor = ctx.load_model(st.anchor).eval().requires_grad_(False) if st.anchor is not None else None
     reference = copy.deepcopy(student).eval().requires_grad_(False) if objective.needs_reference else None
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -169,8 +207,9 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
 
         # 1. rollout
         with autocast:
-            rollout = _rollout(adapter, source, acc.unwrap_model(student), teacher, task, problems, rc, gen)
+            rollout = adapter.rollout(source, acc.unwrap_model(student), teacher, task, problems, rc, gen, objective)
         rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
+        rollout.extras["seed"] = step_seed(cfg.seed, st.name, step, "prepare")
         if hasattr(objective, "prepare"):
             objective.prepare(rollout)
         normalizer = max(rollout.num_steps(), 1)
@@ -182,13 +221,15 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
             mb = rollout.select(slice(i, i + micro))
             with autocast:
                 student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
-                teacher_dist = ref_dist = None
+                teacher_dist = ref_dist = anchor_dist = None
                 with torch.no_grad():
                     if teacher is not None and objective.scores_with_teacher:
                         teacher_dist = adapter.step_dist(teacher, mb, temperature=score_temperature)
                     if reference is not None:
                         ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
-                loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer)))
+                    if anchor is not None:
+                        anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
+                loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist))
             acc.backward(loss)
             loss_total += float(loss.detach())
             w = mb.batch_size / rollout.batch_size
@@ -207,12 +248,17 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            ev = evaluate(adapter, acc.unwrap_model(student), task, st.eval, seed=cfg.seed, show=0)
-            record["eval_accuracy"] = ev["accuracy"]
+            student.eval()
+            ev = evaluate(adapter, acc.unwrap_model(student), task, st.eval, seed=cfg.seed, show=0,
+                          out_dir=stage_dir / "samples", tag=f"step_{step + 1:06d}")
+            student.train()
+            record.update({f"eval_{k}": v for k, v in headline(ev).items()})
         record["time"] = round(time.time() - t0, 3)
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or "eval_accuracy" in record:
+        evaluated = any(k.startswith("eval_") for k in record)
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or evaluated:
             logger.log(record)
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "student_reward", "eval_accuracy") if k in record})
+            shown = ("loss", "student_reward") + tuple(k for k in record if k.startswith("eval_"))
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
         if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
             save_training_state(ckpt_root, step + 1, acc.unwrap_model(student), optimizer, scheduler, {"samples_seen": (step + 1) * tc.batch_size})
     bar.close()
@@ -226,20 +272,14 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     return _finish_stage(ctx, st, task, final_model, train_seconds)
 
 
-def _rollout(adapter: Any, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any) -> Any:
-    """Student or teacher samples (with verifier rewards), or the dataset's own completions."""
-    questions = [p.question for p in problems]
-    if source == "dataset":
-        return adapter.dataset_rollout(questions, [p.solution for p in problems])
-    rollout = adapter.sample(student if source == "student" else teacher, questions, rc.max_new_tokens, rc.temperature, gen)
-    texts = adapter.decode(rollout)
-    rollout.rewards_B = torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=adapter.device)
-    return rollout
+def headline(ev: dict[str, Any]) -> dict[str, float]:
+    """The scalar results of an evaluation (accuracy, pass@k, rewards), without counts and samples."""
+    return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
 
 
 def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float) -> dict[str, Any]:
-    ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed)
     stage_dir = ctx.run_dir / st.name
+    ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
     try:
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})")
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
@@ -252,8 +292,9 @@ def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
         model = ctx.load_model(ref).eval()
-        ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed)
+        ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=ctx.run_dir / st.name, tag=key)
         out["results"][key] = {"model": ref, **ev}
         if not ctx.quiet:
-            print(f"[{st.name}] {key} ({ref}): accuracy {ev['accuracy']:.3f} on {ev['n']} held-out problems")
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in headline(ev).items())
+            print(f"[{st.name}] {key} ({ref}): {shown} on {ev['n']} held-out problems")
     return out

@@ -33,6 +33,7 @@ class ObjectiveBatch:
     teacher: Any | None = None  # StepDist, no gradient
     reference: Any | None = None  # StepDist of the frozen initial policy
     normalizer: float = 1.0  # global number of trained steps in the optimizer step
+    anchor: Any | None = None  # StepDist of a frozen anchor model (Manifold Anchor Regularization)
 
 
 def _masked_sum(x_B_T: Tensor, mask_B_T: Tensor) -> Tensor:

@@ -84,12 +84,16 @@ def build_tiny_sd3_pipeline(
     max_length: int = 16,
     shift: float = 3.0,
     seed: int = 0,
+    text_seed: int | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     """A random-init `StableDiffusion3Pipeline` sized by flat arguments (a config section's keys).
 
     vae=False: pixel space, 3 channels, latent = image.  vae=True: a tiny AutoencoderKL with
     `vae_blocks` blocks of `vae_channels` (downsampling 2^(vae_blocks-1)) and `latent_channels`.
-    `words` sets the tokenizer vocabulary (e.g. `shapes.VOCABULARY`).
+    `words` sets the tokenizer vocabulary (e.g. `shapes.VOCABULARY`) unless a CLIP `tokenizer` is given.
+    `seed` initialises the transformer; `text_seed` (default: seed) the text encoders and the VAE,
+    so models of one run can share those frozen parts and differ in their transformers.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -100,16 +104,18 @@ def build_tiny_sd3_pipeline(
             f"image_size {image_size} must be divisible by the VAE downsampling ({down}) times patch_size ({patch_size})"
         )
     latent_size = image_size // down
-    tokenizer = build_clip_tokenizer(words, max_length)
+    tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer(words, max_length)
+    max_length = tokenizer.model_max_length
+    text_seed = seed if text_seed is None else text_seed
     text_cfg = CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer),
         hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size, projection_dim=text_hidden_size,
         num_attention_heads=text_heads, num_hidden_layers=text_layers, max_position_embeddings=max_length,
         hidden_act="gelu",
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(text_seed)
     text_encoder = CLIPTextModelWithProjection(text_cfg)
-    torch.manual_seed(seed + 1)
+    torch.manual_seed(text_seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
     torch.manual_seed(seed + 2)
     channels = latent_channels if vae else 3
@@ -123,7 +129,7 @@ def build_tiny_sd3_pipeline(
     )
     autoencoder = None
     if vae:
-        torch.manual_seed(seed + 3)
+        torch.manual_seed(text_seed + 3)
         autoencoder = AutoencoderKL(
             sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
             block_out_channels=(vae_channels,) * vae_blocks, layers_per_block=1, norm_num_groups=1,

@@ -30,6 +30,8 @@ from mmdistill.registry import ADAPTERS
 from mmdistill.rollout import Rollout
 from mmdistill.stepdist import HiddenCategorical
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # default LoRA targets (attention projections)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +64,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @ADAPTERS.register("hf_causal_lm")
 class CausalLMAdapter:
     """One tokenizer shared by teacher and student; models are passed to each call."""
+
+    tiny_config = TinyLMConfig  # what `models.NAME.tiny` is checked against
 
     def __init__(self, tokenizer: Any, device: torch.device | str = "cpu", chunk_size: int = 1024):
         self.tokenizer = tokenizer
@@ -133,6 +137,9 @@ class CausalLMAdapter:
         if lora is not None:
             base = apply_lora(base, lora)
         return base.to(self.device)
+
+    def add_lora(self, model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+        return apply_lora(model, lora).to(self.device)
 
     @staticmethod
     def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
@@ -246,6 +253,17 @@ class CausalLMAdapter:
             behavior_logp_B_T=torch.zeros(len(comp), T, device=self.device),
         )
 
+    def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:
+        """The training loop's rollout: student or teacher samples scored by the task's verifier,
+        or the dataset's own completions (`source="dataset"`)."""
+        questions = [p.question for p in problems]
+        if source == "dataset":
+            return self.dataset_rollout(questions, [p.solution for p in problems])
+        rollout = self.sample(student if source == "student" else teacher, questions, rc.max_new_tokens, rc.temperature, gen)
+        texts = self.decode(rollout)
+        rollout.rewards_B = torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=self.device)
+        return rollout
+
     def decode(self, rollout: Rollout) -> list[str]:
         out = []
         for toks, m in zip(rollout.actions.tolist(), rollout.mask_B_T.tolist()):
@@ -332,7 +350,7 @@ def check_model_tokenizer(model: torch.nn.Module, tokenizer: Any, path: str) -> 
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    if any(t in ("lm_head", "embed_tokens") for t in cfg.target_modules):
+    if any(t in ("lm_head", "embed_tokens") for t in cfg.target_modules or ()):
         raise ConfigError(
             "lora.target_modules: LoRA on lm_head/embed_tokens is not supported (re-scoring reads the head weight directly); "
             "target attention/MLP projections"
@@ -342,7 +360,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
     return get_peft_model(
         model,
-        PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+        PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules or LORA_TARGETS), task_type="CAUSAL_LM"),
     )
 
 
