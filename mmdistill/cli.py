@@ -5,6 +5,7 @@
     mmdistill train --resume runs/quickstart
     mmdistill eval runs/quickstart/student_opd/final --task arith --n 200 --json
     mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
+    mmdistill bench flow-sampling
     mmdistill list
 """
 from __future__ import annotations
@@ -73,11 +74,25 @@ def _load_for_eval(args: argparse.Namespace):
     from mmdistill.registry import ADAPTERS, TASKS
 
     path = Path(args.model)
-    if not (path / "config.json").exists():
-        raise MmdistillError(f"model '{path}' has no config.json; give a saved checkpoint directory (e.g. runs/quickstart/student_opd/final)")
+    flow = (path / "model_index.json").exists()
+    if not (path / "config.json").exists() and not flow:
+        raise MmdistillError(
+            f"model '{path}' has neither config.json nor model_index.json; give a saved checkpoint directory "
+            "(e.g. runs/quickstart/student_opd/final or runs/shapes_flow_opd/flow_opd/final)"
+        )
+    if flow and args.task == "arith":
+        args.task = "shapes"
     task_cls = TASKS.get(args.task)
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
+    if flow:
+        from diffusers.utils import logging as df_logging
+        from transformers import CLIPTokenizer
+
+        df_logging.set_verbosity_error()
+        df_logging.disable_progress_bar()
+        adapter = ADAPTERS.get("diffusers_flow")(CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer"), device=device)
+        return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task
     adapter = ADAPTERS.get("hf_causal_lm")(AutoTokenizer.from_pretrained(str(path)), device=device)
     model = adapter.load_model(ModelConfig(path=str(path)), "model").eval()
     return adapter, model, task
@@ -88,10 +103,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmdistill.evaluate import evaluate
 
     adapter, model, task = _load_for_eval(args)
-    cfg = EvalConfig(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature, k=args.k, split=args.split)
-    res = evaluate(adapter, model, task, cfg, seed=args.seed)
+    cfg = EvalConfig(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     k=args.k, split=args.split, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
+    res = evaluate(adapter, model, task, cfg, seed=args.seed, out_dir=Path(args.grid_dir) if args.grid_dir else None)
     if args.json:
         print(json.dumps(res, indent=1))
+    elif "accuracy" not in res:  # flow: mean rewards
+        from mmdistill.train import headline
+
+        print(", ".join(f"{k} {v:.3f}" for k, v in headline(res).items()) + f" on {res['n']} {args.split} prompts")
     else:
         line = f"accuracy {res['accuracy']:.3f} on {res['n']} {args.split} problems"
         if args.k > 1:
@@ -110,6 +130,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for p, t in zip(problems, adapter.decode(rollout)):
         ok = task.reward(p, t) >= 1.0
         print(f"Q: {p.question}\nA: {t}\n   gold {p.answer}  {'correct' if ok else 'wrong'}\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mmdistill import bench
+
+    fn = bench.BENCHES.get(args.name)
+    if fn is None:
+        raise MmdistillError(f"unknown benchmark '{args.name}'; known: {', '.join(sorted(bench.BENCHES))}")
+    out = Path(args.out or f"bench/{args.name}.json")
+    result = fn(device=args.device, quick=args.quick)
+    from mmdistill.checkpoint import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=1))
+    print(f"written: {out}")
     return 0
 
 
@@ -159,7 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (needs --temperature > 0)")
             e.add_argument("--batch-size", type=int, default=200)
             e.add_argument("--json", action="store_true", help="print the full result as JSON")
+            e.add_argument("--num-steps", type=int, default=10, help="flow models: Euler ODE steps")
+            e.add_argument("--guidance-scale", type=float, default=1.0, help="flow models: classifier-free guidance")
+            e.add_argument("--grid-dir", help="flow models: write a sample grid (eval.png) here")
         e.set_defaults(fn=fn)
+
+    b = sub.add_parser("bench", help="speed / memory benchmarks, written as JSON")
+    b.add_argument("name", help="flow-sampling")
+    b.add_argument("--out", help="output JSON (default bench/NAME.json)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke)")
+    b.set_defaults(fn=cmd_bench)
 
     ls = sub.add_parser("list", help="registered objectives, adapters, tasks, and packaged configs")
     ls.set_defaults(fn=cmd_list)

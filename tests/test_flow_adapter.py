@@ -1,0 +1,213 @@
+"""The `diffusers_flow` adapter in the training loop: loading, routing, merging, saving, the shapes
+task, config errors, the smoke pipeline and the sampling benchmark.
+
+    python -m pytest tests/test_flow_adapter.py -q -o addopts=""
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+
+from mmdistill.cli import main  # noqa: E402
+from mmdistill.config import ModelConfig, TokenizerConfig, config_from_raw, load_config  # noqa: E402
+from mmdistill.errors import CompatibilityError  # noqa: E402
+from mmdistill.modalities.flow.adapter import FlowAdapter, TinyFlowConfig  # noqa: E402
+from mmdistill.modalities.flow.task import ShapesProblem, ShapesTask  # noqa: E402
+from mmdistill.modalities.flow import shapes as S  # noqa: E402
+from mmdistill.objectives.registered import ObjectiveBatch  # noqa: E402
+from mmdistill.pipeline import run_pipeline  # noqa: E402
+from mmdistill.train import build_objective, merge_weights  # noqa: E402
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=8, text_hidden_size=16, text_layers=1)
+
+
+def make_adapter() -> FlowAdapter:
+    return FlowAdapter(FlowAdapter.build_tokenizer(TokenizerConfig(), ShapesTask(), {}))
+
+
+def tiny(adapter: FlowAdapter, seed: int, text_seed: int = 0) -> torch.nn.Module:
+    return adapter.load_model(ModelConfig(tiny=TinyFlowConfig(**TINY, seed=seed, text_seed=text_seed)), f"m{seed}")
+
+
+class RC:  # the rollout section the adapter reads
+    num_steps, guidance_scale, noise_level, logprob_reduce = 3, 1.0, 0.7, "sum"
+
+
+def problems(tags: list[str]) -> list[ShapesProblem]:
+    pool = S.split_prompts("train")
+    return [ShapesProblem(pool[i], t) for i, t in enumerate(tags)]
+
+
+def test_routing_one_hot_gives_each_prompt_its_tags_teacher():
+    adapter = make_adapter()
+    student, t_color, t_pos = tiny(adapter, 1), tiny(adapter, 2), tiny(adapter, 3)
+    probs = problems(["color", "position", "position", "color"])
+    gen = torch.Generator().manual_seed(0)
+    rollout = adapter.rollout("student", student, None, ShapesTask(), probs, RC, gen, build_objective({"type": "flow_opd", "mar_coef": 0.0}, "s"))
+    with torch.no_grad():
+        routed = adapter.step_dist({"color": t_color, "position": t_pos}, rollout).velocity_B_T_D
+        v_color = adapter.step_dist(t_color, rollout).velocity_B_T_D
+        v_pos = adapter.step_dist(t_pos, rollout).velocity_B_T_D
+    torch.testing.assert_close(routed[[0, 3]], v_color[[0, 3]])
+    torch.testing.assert_close(routed[[1, 2]], v_pos[[1, 2]])
+    assert not torch.allclose(v_color, v_pos)
+    with pytest.raises(Exception, match="no teacher"):
+        adapter.step_dist({"color": t_color}, rollout)
+
+
+def test_flow_opd_step_through_the_adapter_on_a_saved_and_reloaded_pipeline(tmp_path):
+    adapter = make_adapter()
+    student = tiny(adapter, 1)
+    adapter.save(student, tmp_path / "student")
+    assert (tmp_path / "student" / "model_index.json").exists()
+    reloaded = adapter.load_model(ModelConfig(path=str(tmp_path / "student")), "student")
+    for (k, a), b in zip(student.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    teachers = {"color": tiny(adapter, 2).requires_grad_(False), "position": tiny(adapter, 3).requires_grad_(False)}
+    anchor = tiny(adapter, 4).requires_grad_(False)
+    obj = build_objective({"type": "flow_opd", "variant": "gkd", "mar_coef": 0.04}, "s")
+    rollout = adapter.rollout("student", reloaded, None, ShapesTask(), problems(["color", "position"]), RC, torch.Generator().manual_seed(0), obj)
+    assert rollout.rewards_B.shape == (2,) and rollout.actions.shape == (2, 3, 3 * 8 * 8)
+    s = adapter.step_dist(reloaded, rollout)
+    with torch.no_grad():
+        t, a = adapter.step_dist(teachers, rollout), adapter.step_dist(anchor, rollout)
+    loss, metrics = obj(ObjectiveBatch(rollout, s, t, None, float(rollout.num_steps()), a))
+    assert metrics["reward"] < 0 and metrics["mar"] > 0
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in reloaded.parameters() if p.grad is not None) > 0
+
+
+def test_teacher_with_other_text_encoders_is_refused():
+    adapter = make_adapter()
+    tiny(adapter, 1, text_seed=0)
+    with pytest.raises(CompatibilityError, match="text_encoder"):
+        tiny(adapter, 2, text_seed=5)
+
+
+def test_merge_is_the_weighted_average():
+    adapter = make_adapter()
+    a, b = tiny(adapter, 1), tiny(adapter, 2)
+    sa = {k: v.clone() for k, v in a.state_dict().items()}
+    sb = {k: v.clone() for k, v in b.state_dict().items()}
+    merged = merge_weights([a, b], [0.25, 0.75], "m").state_dict()
+    for k in sa:
+        torch.testing.assert_close(merged[k], 0.25 * sa[k] + 0.75 * sb[k])
+
+
+def test_flow_matching_rollout_targets_and_cond_dropout():
+    adapter = make_adapter()
+    student = tiny(adapter, 1)
+    obj = build_objective({"type": "flow_matching", "cond_dropout": 0.5}, "s")
+    probs = problems(["color"] * 64)
+    r = adapter.rollout("dataset", student, None, ShapesTask(), probs, RC, torch.Generator().manual_seed(0), obj)
+    s = r.steps
+    x_s, target = s.x_t_B_T_D[:, 0], r.extras["target_v_B_T_D"][:, 0]
+    sigma = s.sigma_B_T[:, :1]
+    # x_s = (1 - s) x0 + s eps and v = eps - x0  =>  x0 = x_s - s v, which must be an image in [-1, 1]
+    x0 = x_s - sigma * target
+    assert float(x0.min()) >= -1 - 1e-5 and float(x0.max()) <= 1 + 1e-5
+    dropped = (s.cond["prompt_embeds"] == s.cond["negative_prompt_embeds"]).flatten(1).all(1)
+    assert 10 < int(dropped.sum()) < 54  # about half
+    loss, m = obj(ObjectiveBatch(r, adapter.step_dist(student, r), None, None, float(r.num_steps())))
+    assert loss > 0 and m["fm_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+
+
+def test_shapes_task_rewards_by_tag():
+    task = ShapesTask(reward="tag")
+    probs = problems(["color", "position"])
+    images = task.render(probs, seed=0, size=16)
+    rewards = task.rewards(probs, images)
+    assert rewards["color"].min() > 0.9 and rewards["position"].min() > 0.9  # the renderer satisfies its prompts
+    flipped = images[:, :, :, ::-1].copy()  # mirror: left/right relations break, colours do not
+    r2 = task.rewards(probs, flipped)
+    np.testing.assert_allclose(task.train_reward(probs, r2), [r2["color"][0], r2["position"][1]])
+    assert {p.tag for p in (task.sample_train(random.Random(i)) for i in range(20))} == {"color", "position"}
+    test = {p.scene for p in task.problems("test")}
+    assert test and not test & set(S.split_prompts("train"))
+    with pytest.raises(ValueError, match="tags"):
+        ShapesTask(tags=["ocr"])
+
+
+def raw_smoke(tmp_path: Path) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "flow" / "shapes_flow_opd.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["device"] = "cpu"
+    raw["models"]["base_init"]["tiny"].update(TINY)
+    raw["rollout"].update(num_steps=3, group_size=2)
+    raw["eval"].update(n=8, batch_size=8, num_steps=3, grid=4)
+    for st in raw["stages"]:
+        if st.get("kind") != "eval":
+            st["train"].update(steps=2, batch_size=4, eval_every=1, save_every=1)
+    return raw
+
+
+def test_flow_opd_pipeline_smoke_writes_the_report_and_grids_and_resumes(tmp_path, capsys):
+    """The CI variant of configs/flow/shapes_flow_opd.yaml: every stage, two steps each."""
+    raw = raw_smoke(tmp_path)
+    report = run_pipeline(config_from_raw(raw), quiet=True)
+    for key in ("base", "teacher_color", "teacher_position", "grpo_mix", "flow_opd"):
+        assert 0.0 <= report[key]["color_reward"] <= 1.0 and 0.0 <= report[key]["position_reward"] <= 1.0, key
+    run = Path(raw["run_dir"])
+    assert json.loads((run / "report.json").read_text())["flow_opd"] == report["flow_opd"]
+    for png in ("evaluate/base.png", "evaluate/flow_opd.png", "flow_opd/samples/step_000001.png", "flow_opd/samples/final.png", "report.png"):
+        assert (run / png).stat().st_size > 1000, png
+    assert (run / "flow_opd" / "final" / "model_index.json").exists()
+    rows = [json.loads(line) for line in (run / "teacher_color" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_color_reward" in rows[0] and "student_reward" in rows[0]
+    # resuming a finished run recomputes nothing and reports the same numbers
+    assert run_pipeline(load_config(run / "config.yaml"), run_dir=run, quiet=True)["flow_opd"] == report["flow_opd"]
+    # `mmdistill eval` reads the saved diffusers pipeline
+    assert main(["eval", str(run / "flow_opd" / "final"), "--n", "4", "--num-steps", "2", "--device", "cpu"]) == 0
+    assert "color_reward" in capsys.readouterr().out
+
+
+def test_cold_start_by_sft_on_routed_teacher_samples(tmp_path):
+    raw = raw_smoke(tmp_path)
+    raw["stages"] = [s for s in raw["stages"] if s["name"] in ("base", "teacher_color", "teacher_position")]
+    raw["stages"].append({
+        "name": "sft_cold", "student": "base", "teachers": {"color": "teacher_color", "position": "teacher_position"},
+        "objective": {"type": "flow_matching", "source": "teacher"}, "train": {"steps": 2, "batch_size": 4},
+    })
+    run_pipeline(config_from_raw(raw), quiet=True)
+    rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "sft_cold" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["fm_loss"] > 0 for r in rows)
+    assert (Path(raw["run_dir"]) / "sft_cold" / "final" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda r: r["stages"][4].update(anchor=None), "needs an anchor"),
+    (lambda r: r["models"]["base_init"]["tiny"].update(bogus=1), "models.base_init.tiny.bogus"),
+    (lambda r: r["stages"][4]["teachers"].update(color="nope"), "teachers.color"),
+    (lambda r: r["models"]["cold_start"]["merge"].update(sources=["teacher_color"]), "at least two"),
+    (lambda r: r.update(adapter="hf_causal_lm", task={"type": "arith"}), "does not route"),
+])
+def test_flow_config_errors_are_one_line(tmp_path, capsys, change, fragment):
+    raw = yaml.safe_load((REPO / "configs" / "flow" / "shapes_flow_opd.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    if fragment == "does not route":  # a text run (tiny text models) that lists several teachers
+        raw["models"]["base_init"]["tiny"] = {}
+    change(raw)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_flow_sampling_writes_ratio_and_matches_diffusers(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "flow-sampling", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ratio"] > 0 and res["euler_seconds"] > 0 and res["logprob_finite"]
+    assert res["ode_max_abs_diff"] < 1e-5  # our loop at noise_level 0 is diffusers' Euler sampler
