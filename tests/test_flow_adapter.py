@@ -176,7 +176,7 @@ def test_cold_start_by_sft_on_routed_teacher_samples(tmp_path):
     raw["stages"] = [s for s in raw["stages"] if s["name"] in ("base", "teacher_color", "teacher_position")]
     raw["stages"].append({
         "name": "sft_cold", "student": "base", "teachers": {"color": "teacher_color", "position": "teacher_position"},
-        "objective": {"type": "flow_matching", "source": "teacher"}, "train": {"steps": 2, "batch_size": 4},
+        "objective": {"type": "flow_matching", "source": "teacher"}, "train": {"steps": 2, "batch_size": 4, "log_every": 1},
     })
     run_pipeline(config_from_raw(raw), quiet=True)
     rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "sft_cold" / "metrics.jsonl").read_text().splitlines()]
