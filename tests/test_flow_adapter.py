@@ -211,3 +211,56 @@ def test_bench_flow_sampling_writes_ratio_and_matches_diffusers(tmp_path):
     res = json.loads(out.read_text())
     assert res["ratio"] > 0 and res["euler_seconds"] > 0 and res["logprob_finite"]
     assert res["ode_max_abs_diff"] < 1e-5  # our loop at noise_level 0 is diffusers' Euler sampler
+
+
+# ----------------------------------------------------------------------------- Flux and LoRA
+
+
+def test_flux_noise_level_zero_reproduces_flux_pipeline():
+    from mmdistill.modalities.flow import pipelines as P
+    from mmdistill.modalities.flow.sde import sample_sde
+
+    pipe = P.build_tiny_flux_pipeline(["a", "red", "circle"], image_size=16)
+    pipe.set_progress_bar_config(disable=True)
+    cond = P.encode_prompts(pipe, ["a red circle", "a circle"], max_sequence_length=16)
+    noise = torch.randn((2, *P.latent_shape(pipe, 16)), generator=torch.Generator().manual_seed(0))
+    sigmas = P.pipeline_sigmas(pipe, 4, 16)  # linspace(1, 1/N) shifted by the resolution's mu
+    ours = sample_sde(P.velocity_fn(pipe.transformer), noise, sigmas, cond, guidance_scale=3.5, noise_level=0.0)
+    theirs = pipe(
+        prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], latents=P.pack_latents(noise),
+        num_inference_steps=4, guidance_scale=3.5, height=16, width=16, output_type="latent",
+    ).images
+    torch.testing.assert_close(P.pack_latents(ours.extras["x0_B_C_H_W"]), theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(P.unpack_latents(P.pack_latents(noise), 8, 8), noise)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_lora_student_trains_only_lora_and_saves_a_merged_pipeline(tmp_path, arch):
+    from mmdistill.config import LoraConfig
+
+    adapter = make_adapter()
+    cfg = TinyFlowConfig(**{**TINY, "image_size": 8 if arch == "sd3" else 16}, arch=arch, seed=1)
+    student = adapter.load_model(ModelConfig(tiny=cfg, lora=LoraConfig(r=4, alpha=8)), "student")
+    teacher = adapter.load_model(ModelConfig(tiny=TinyFlowConfig(**{**dataclass_dict(cfg), "seed": 2})), "teacher").requires_grad_(False)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    obj = build_objective({"type": "flow_opd", "variant": "gkd", "mar_coef": 0.0}, "s")
+    r = adapter.rollout("student", student, None, ShapesTask(), problems(["color", "position"]), RC, torch.Generator().manual_seed(0), obj)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        t = adapter.step_dist(teacher, r)
+    loss, _ = obj(ObjectiveBatch(r, adapter.step_dist(student, r), t, None, float(r.num_steps())))
+    loss.backward()
+    opt.step()
+    adapter.save(student, tmp_path / "s")
+    assert (tmp_path / "s" / "lora_adapter" / "adapter_config.json").exists()
+    merged = make_adapter().load_model(ModelConfig(path=str(tmp_path / "s")), "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.step_dist(merged, r).velocity_B_T_D, adapter.step_dist(student, r).velocity_B_T_D, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(adapter.step_dist(merged, r).velocity_B_T_D, t.velocity_B_T_D)
+
+
+def dataclass_dict(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)

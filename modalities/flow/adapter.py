@@ -24,7 +24,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,8 +45,11 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the transformer's attenti
 
 @dataclass
 class TinyFlowConfig:
-    """A random-init SD3-style pipeline (`pipelines.build_tiny_sd3_pipeline`), pixel space unless `vae`."""
+    """A random-init pipeline: `arch: sd3` (`pipelines.build_tiny_sd3_pipeline`, pixel space unless
+    `vae`) or `arch: flux` (`pipelines.build_tiny_flux_pipeline`, always with a VAE; `num_layers`
+    double-stream and as many single-stream blocks)."""
 
+    arch: Literal["sd3", "flux"] = "sd3"
     image_size: int = 16
     vae: bool = False
     latent_channels: int = 4
@@ -112,7 +115,14 @@ class FlowAdapter:
         """The transformer of a pipeline (directory or hub id) or of a tiny random-init pipeline."""
         if cfg.tiny is not None:
             tiny = cfg.tiny if isinstance(cfg.tiny, TinyFlowConfig) else TinyFlowConfig(**cfg.tiny)
-            pipe = P.build_tiny_sd3_pipeline([], tokenizer=self.tokenizer, **dataclasses.asdict(tiny))
+            args = dataclasses.asdict(tiny)
+            if args.pop("arch") == "flux":
+                for k in ("vae", "patch_size", "shift"):
+                    args.pop(k)
+                args["num_single_layers"] = args["num_layers"]
+                pipe = P.build_tiny_flux_pipeline([], tokenizer=self.tokenizer, **args)
+            else:
+                pipe = P.build_tiny_sd3_pipeline([], tokenizer=self.tokenizer, **args)
             pipe.set_progress_bar_config(disable=True)
             image_size = tiny.image_size
         else:
@@ -123,7 +133,10 @@ class FlowAdapter:
                 raise CheckpointError(f"models.{name}.path: {e}; give a diffusers pipeline directory or hub id") from None
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"models.{name}.path: cannot load a diffusers pipeline from '{cfg.path}' ({str(e).splitlines()[0]})") from None
-            image_size = int(pipe.transformer.config.sample_size) * (pipe.vae_scale_factor if pipe.vae is not None else 1)
+            if P.is_flux(pipe):  # FluxPipeline's default resolution
+                image_size = int(pipe.default_sample_size) * pipe.vae_scale_factor
+            else:
+                image_size = int(pipe.transformer.config.sample_size) * (pipe.vae_scale_factor if pipe.vae is not None else 1)
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             raise CompatibilityError(f"models.{name}: the flow adapter needs a FlowMatchEulerDiscreteScheduler; this pipeline has {type(pipe.scheduler).__name__}")
         self._adopt(pipe, name, image_size)
@@ -166,6 +179,8 @@ class FlowAdapter:
         import copy
 
         base = copy.deepcopy(unwrap(model))
+        if P.is_flux(base):
+            raise ConfigError(f"models.{name}.prune: layer dropping is implemented for SD3 transformers only; use a tiny or checkpoint student for Flux")
         blocks = base.transformer_blocks
         bad = [i for i in keep_layers if not -len(blocks) <= i < len(blocks)]
         if bad:
@@ -195,7 +210,10 @@ class FlowAdapter:
         missing = [p for p in dict.fromkeys(prompts + [""]) if p not in self._cond_cache]
         if missing:
             # pipelines without T5 get no zero T5 tokens (diffusers appends 256; they carry no information)
-            t5 = 0 if self.pipe.text_encoder_3 is None else 256
+            if P.is_flux(self.pipe):
+                t5 = self.pipe.tokenizer_2.model_max_length if self.pipe.tokenizer_2.model_max_length <= 512 else 512
+            else:
+                t5 = 0 if self.pipe.text_encoder_3 is None else 256
             c = P.encode_prompts(self.pipe, missing, max_sequence_length=t5)
             for i, p in enumerate(missing):
                 self._cond_cache[p] = (c["prompt_embeds"][i], c["pooled_prompt_embeds"][i])
@@ -261,7 +279,7 @@ class FlowAdapter:
         prompts = [p.prompt for p in problems]
         cond = self.condition(prompts)
         noise = torch.randn((len(prompts), *P.latent_shape(self.pipe, self.image_size)), generator=gen, device=self.device)
-        sigmas = P.scheduler_sigmas(self.pipe.scheduler, num_steps).to(self.device)
+        sigmas = P.pipeline_sigmas(self.pipe, num_steps, self.image_size).to(self.device)
         vfn = self.velocity_fn(model, [p.tag for p in problems] if isinstance(model, dict) else None)
         return sample_sde(vfn, noise, sigmas, cond, guidance_scale=guidance_scale, noise_level=noise_level,
                           logprob_reduce=logprob_reduce, generator=gen, context=list(problems))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import string
+
+import numpy as np
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +30,11 @@ from mmdistill.rollout import Rollout
 __all__ = [
     "build_clip_tokenizer",
     "build_tiny_sd3_pipeline",
+    "build_tiny_flux_pipeline",
+    "is_flux",
+    "pipeline_sigmas",
+    "pack_latents",
+    "unpack_latents",
     "save_pipeline",
     "load_pipeline",
     "scheduler_sigmas",
@@ -143,6 +150,101 @@ def build_tiny_sd3_pipeline(
     )
 
 
+def build_tiny_flux_pipeline(
+    words: Sequence[str],
+    *,
+    image_size: int = 16,
+    latent_channels: int = 4,
+    vae_channels: int = 8,
+    vae_blocks: int = 2,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    max_length: int = 16,
+    guidance_embeds: bool = True,
+    seed: int = 0,
+    text_seed: int | None = None,
+    tokenizer: Any = None,
+) -> Any:
+    """A random-init `FluxPipeline` (FluxTransformer2DModel, CLIP + a tiny T5 encoder, a tiny VAE,
+    a dynamic-shifting FlowMatchEulerDiscreteScheduler), built offline.  The T5 side reuses the
+    CLIP tokenizer (only ids matter for a random-init encoder).  `guidance_embeds`: Flux-dev style
+    guidance distillation (the guidance scale is an input) instead of classifier-free guidance."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if attention_head_dim % 4:
+        raise ValueError(f"attention_head_dim {attention_head_dim} must be divisible by 4 (Flux's 3-axis rotary embedding)")
+    down = 2 ** (vae_blocks - 1)
+    if image_size % (down * 2):
+        raise ValueError(f"image_size {image_size} must be divisible by the VAE downsampling ({down}) times 2 (Flux packs 2x2 patches)")
+    tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer(words, max_length)
+    max_length = tokenizer.model_max_length
+    text_seed = seed if text_seed is None else text_seed
+    torch.manual_seed(text_seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer), hidden_size=text_hidden_size,
+        intermediate_size=2 * text_hidden_size, projection_dim=text_hidden_size, num_attention_heads=text_heads,
+        num_hidden_layers=text_layers, max_position_embeddings=max_length, hidden_act="gelu",
+    ))
+    torch.manual_seed(text_seed + 1)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=text_hidden_size, d_kv=text_hidden_size // text_heads, d_ff=2 * text_hidden_size,
+        num_layers=text_layers, num_heads=text_heads, pad_token_id=1, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    torch.manual_seed(text_seed + 3)
+    vae = AutoencoderKL(
+        sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=(vae_channels,) * vae_blocks, layers_per_block=1, norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+    )
+    torch.manual_seed(seed + 2)
+    rope = attention_head_dim // 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=text_hidden_size,
+        pooled_projection_dim=text_hidden_size, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(attention_head_dim - 2 * rope, rope, rope),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, transformer=transformer,
+    )
+
+
+def _base(transformer: Any) -> Any:
+    """The diffusers transformer under wrappers (peft, accelerate)."""
+    while hasattr(transformer, "module"):
+        transformer = transformer.module
+    return transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
+
+
+def is_flux(obj: Any) -> bool:
+    """A Flux pipeline or transformer (packed 2x2 latents, rotary ids, guidance embedding)."""
+    t = getattr(obj, "transformer", None) if hasattr(obj, "components") else obj
+    return type(_base(t)).__name__.startswith("Flux")
+
+
+def pack_latents(x_B_C_H_W: Tensor) -> Tensor:
+    """`[B, C, H, W]` -> Flux's `[B, (H/2)(W/2), 4C]` (2x2 patches, as FluxPipeline._pack_latents)."""
+    B, C, H, W = x_B_C_H_W.shape
+    return x_B_C_H_W.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), 4 * C)
+
+
+def unpack_latents(x_B_L_F: Tensor, H: int, W: int) -> Tensor:
+    """Inverse of `pack_latents`."""
+    B, _, F = x_B_L_F.shape
+    return x_B_L_F.reshape(B, H // 2, W // 2, F // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, F // 4, H, W)
+
+
 def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
     """A standard diffusers pipeline directory (model_index.json + one folder per component, safetensors)."""
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
@@ -162,7 +264,30 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32, de
     return pipe.to(device=device, dtype=torch_dtype)
 
 
-def scheduler_sigmas(scheduler: Any, num_steps: int, mu: float | None = None) -> Tensor:
+def pipeline_sigmas(pipe: Any, num_steps: int, image_size: int) -> Tensor:
+    """The sigmas the pipeline's own `__call__` uses: SD3 `set_timesteps(num_steps)`; Flux the
+    custom `linspace(1, 1/N, N)` shifted by the resolution-dependent `mu` (dynamic shifting)."""
+    cfg = pipe.scheduler.config
+    if not is_flux(pipe):
+        mu = None
+        if cfg.get("use_dynamic_shifting", False):
+            seq = (image_size // (pipe.vae_scale_factor if pipe.vae is not None else 1) // pipe.transformer.config.patch_size) ** 2
+            mu = _calculate_shift(seq, cfg)
+        return scheduler_sigmas(pipe.scheduler, num_steps, mu)
+    C, H, W = latent_shape(pipe, image_size)
+    mu = _calculate_shift((H // 2) * (W // 2), cfg)
+    custom = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    return scheduler_sigmas(pipe.scheduler, num_steps, mu, sigmas=custom)
+
+
+def _calculate_shift(seq_len: int, cfg: Any) -> float:
+    base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    m = (hi - lo) / (top - base)
+    return seq_len * m + lo - m * base
+
+
+def scheduler_sigmas(scheduler: Any, num_steps: int, mu: float | None = None, sigmas: Any = None) -> Tensor:
     """The `[num_steps + 1]` sigmas (last 0) the scheduler uses, on CPU; the scheduler itself is not
     modified.  `mu` is the resolution shift of dynamic-shifting schedulers (Flux, SD3.5 with it on)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -170,7 +295,10 @@ def scheduler_sigmas(scheduler: Any, num_steps: int, mu: float | None = None) ->
     if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         raise TypeError(f"the flow modality needs a FlowMatchEulerDiscreteScheduler; got {type(scheduler).__name__}")
     fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    fresh.set_timesteps(num_steps, device="cpu", mu=mu)
+    if sigmas is not None:
+        fresh.set_timesteps(sigmas=list(sigmas), device="cpu", mu=mu)
+    else:
+        fresh.set_timesteps(num_steps, device="cpu", mu=mu)
     return fresh.sigmas.clone()
 
 
@@ -180,6 +308,10 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], negative_prompt: str = "",
     `prompt_embeds [B, L, E]`, `pooled_prompt_embeds [B, P]` and their `negative_` twins.
     `max_sequence_length` zero T5 tokens are appended (no T5 encoder), as diffusers does."""
     prompts = list(prompts)
+    if is_flux(pipe):
+        pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length)
+        npe, nppe, _ = pipe.encode_prompt(prompt=[negative_prompt] * len(prompts), prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
     pe, npe, ppe, nppe = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None,
         negative_prompt=[negative_prompt] * len(prompts),
@@ -204,6 +336,8 @@ def velocity(
     out_dtype = torch.promote_types(x_t_B_C_H_W.dtype, torch.float32)
     x = x_t_B_C_H_W.to(transformer.dtype)
     timestep_B = sigma_B.to(x.device, torch.float32) * num_train_timesteps
+    if is_flux(transformer):
+        return _flux_velocity(transformer, x, timestep_B / num_train_timesteps, cond, guidance_scale).to(out_dtype)
     if guidance_scale > 1:
         v = transformer(
             hidden_states=torch.cat([x, x]),
@@ -222,17 +356,45 @@ def velocity(
     return v.to(out_dtype)
 
 
+def _flux_velocity(transformer: Any, x_B_C_H_W: Tensor, t_B: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
+    """Flux: pack 2x2 patches, rotary ids for text (zeros) and image (row, column), the guidance scale
+    as an input for guidance-distilled models, true CFG for the others -- as FluxPipeline does."""
+    B, C, H, W = x_B_C_H_W.shape
+    dtype, device = x_B_C_H_W.dtype, x_B_C_H_W.device
+    img_ids = torch.zeros(H // 2, W // 2, 3)
+    img_ids[..., 1] += torch.arange(H // 2)[:, None]
+    img_ids[..., 2] += torch.arange(W // 2)[None, :]
+    img_ids = img_ids.reshape(-1, 3).to(device, dtype)
+    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
+    base = _base(transformer)
+    guidance = torch.full((B,), guidance_scale, device=device, dtype=torch.float32) if base.config.guidance_embeds else None
+    packed = pack_latents(x_B_C_H_W)
+
+    def run(pe: Tensor, ppe: Tensor) -> Tensor:
+        return transformer(
+            hidden_states=packed, timestep=t_B.to(dtype), guidance=guidance, pooled_projections=ppe,
+            encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+        )[0]
+
+    v = run(cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+    if guidance is None and guidance_scale > 1:  # true classifier-free guidance
+        v_u = run(cond["negative_prompt_embeds"], cond["negative_pooled_prompt_embeds"])
+        v = v_u + guidance_scale * (v - v_u)
+    return unpack_latents(v, H, W)
+
+
 def velocity_fn(transformer: Any, num_train_timesteps: int = 1000) -> VelocityFn:
     """`velocity` bound to one transformer: the `VelocityFn` that `sde.sample_sde` and `sde.step_velocities` take."""
     return partial(velocity, transformer, num_train_timesteps=num_train_timesteps)
 
 
 def latent_shape(pipe: Any, image_size: int) -> tuple[int, int, int]:
-    """(C, H, W) of the transformer's input for a square image of `image_size` pixels."""
+    """(C, H, W) of one latent for a square image of `image_size` pixels (Flux: before 2x2 packing)."""
     down = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
     if image_size % down:
         raise ValueError(f"image_size {image_size} must be divisible by the VAE downsampling factor {down}")
-    return (pipe.transformer.config.in_channels, image_size // down, image_size // down)
+    channels = _base(pipe.transformer).config.in_channels
+    return (channels // 4 if is_flux(pipe) else channels, image_size // down, image_size // down)
 
 
 @torch.no_grad()
@@ -275,7 +437,7 @@ def sample_pipeline(
     device = pipe.transformer.device
     cond = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length)
     noise = torch.randn((len(prompts), *latent_shape(pipe, image_size)), generator=generator, device=device)
-    sigmas = scheduler_sigmas(pipe.scheduler, num_steps, mu).to(device)
+    sigmas = (scheduler_sigmas(pipe.scheduler, num_steps, mu) if mu is not None else pipeline_sigmas(pipe, num_steps, image_size)).to(device)
     return sample_sde(
         velocity_fn(pipe.transformer, pipe.scheduler.config.num_train_timesteps), noise, sigmas, cond,
         guidance_scale=guidance_scale, noise_level=noise_level, logprob_reduce=logprob_reduce,
