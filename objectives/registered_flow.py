@@ -27,15 +27,24 @@ def _check_fraction(timestep_fraction: float) -> None:
         raise ValueError(f"objective.timestep_fraction must lie in (0, 1], got {timestep_fraction}")
 
 
-def _train_timesteps(rollout: Rollout, fraction: float) -> None:
-    """Keep a random `fraction` of the denoising steps (the same ones for the whole batch, so the
-    others are never evaluated); Flow-GRPO's `timestep_fraction`."""
+Selection = Literal["first", "random"]
+
+
+def _train_timesteps(rollout: Rollout, fraction: float, selection: Selection = "first") -> None:
+    """Train on `fraction` of the denoising steps, the same ones for the whole batch (the others are
+    never evaluated): the first, high-noise steps ("first", where layout is decided; Flow-GRPO's
+    training loop runs over the first `timestep_fraction` of the steps) or a random subset."""
     if fraction >= 1.0:
         return
     T = rollout.mask_B_T.shape[1]
     k = max(1, round(fraction * T))
-    g = torch.Generator().manual_seed(int(rollout.extras.get("seed", 0)))
-    keep = torch.randperm(T, generator=g)[:k]
+    if selection == "first":
+        keep = torch.arange(k)
+    elif selection == "random":
+        g = torch.Generator().manual_seed(int(rollout.extras.get("seed", 0)))
+        keep = torch.randperm(T, generator=g)[:k]
+    else:
+        raise ValueError(f"objective.timestep_selection must be 'first' or 'random', got {selection!r}")
     m = torch.zeros(T, device=rollout.mask_B_T.device)
     m[keep.to(m.device)] = 1.0
     rollout.mask_B_T = rollout.mask_B_T * m
@@ -93,6 +102,7 @@ class FlowGRPO:
         kl_form: Literal["paper", "code"] = "paper",
         adv_clip_max: float | None = 5.0,
         timestep_fraction: float = 1.0,
+        timestep_selection: Selection = "first",
         scale_by_std: bool = True,
     ):
         if clip_eps is not None and not 0.0 < clip_eps < 1.0:
@@ -101,7 +111,7 @@ class FlowGRPO:
             raise ValueError(f"objective.kl_beta must be >= 0, got {kl_beta}")
         _check_fraction(timestep_fraction)
         self.clip_eps, self.kl_beta, self.kl_form, self.adv_clip_max = clip_eps, kl_beta, kl_form, adv_clip_max
-        self.timestep_fraction, self.scale_by_std = timestep_fraction, scale_by_std
+        self.timestep_fraction, self.timestep_selection, self.scale_by_std = timestep_fraction, timestep_selection, scale_by_std
         self.needs_reference = kl_beta > 0
 
     def pick_source(self, rng: random.Random) -> str:
@@ -110,7 +120,7 @@ class FlowGRPO:
     def prepare(self, rollout: Rollout) -> None:
         assert rollout.rewards_B is not None and rollout.group_ids_B is not None, "Flow-GRPO needs rewards and group ids"
         rollout.extras["advantage_B"] = group_advantages(rollout.rewards_B, rollout.group_ids_B, scale_by_std=self.scale_by_std)
-        _train_timesteps(rollout, self.timestep_fraction)
+        _train_timesteps(rollout, self.timestep_fraction, self.timestep_selection)
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
         r = b.rollout
@@ -149,6 +159,7 @@ class FlowOPD:
         clip_eps: float | None = 1e-4,
         mar_coef: float = 0.04,
         timestep_fraction: float = 1.0,
+        timestep_selection: Selection = "first",
     ):
         if variant not in ("clipped", "gkd"):
             raise ValueError(f"objective.variant must be 'clipped' or 'gkd', got {variant!r}")
@@ -161,6 +172,7 @@ class FlowOPD:
         _check_fraction(timestep_fraction)
         self.variant, self.reward_scale, self.coef, self.gamma = variant, reward_scale, coef, gamma
         self.clip_eps, self.mar_coef, self.timestep_fraction = clip_eps, mar_coef, timestep_fraction
+        self.timestep_selection = timestep_selection
         self.needs_anchor = mar_coef > 0
         self.policy_gradient = variant == "clipped"
 
@@ -168,7 +180,7 @@ class FlowOPD:
         return "student"
 
     def prepare(self, rollout: Rollout) -> None:
-        _train_timesteps(rollout, self.timestep_fraction)
+        _train_timesteps(rollout, self.timestep_fraction, self.timestep_selection)
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
         r, s = b.rollout, b.student

@@ -43,7 +43,7 @@ def test_eval_json_and_sample(tiny_raw, capsys):
 
 def test_eval_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
-    assert "has no config.json" in capsys.readouterr().err
+    assert "has neither config.json nor model_index.json" in capsys.readouterr().err
 
 
 def test_resume_without_run(tmp_path, capsys):
