@@ -85,3 +85,107 @@ class ShapesTask:
         if self.reward == "tag":
             return np.array([rewards[p.tag][i] for i, p in enumerate(problems)], dtype=np.float32)
         return rewards[self.reward]
+
+
+# ----------------------------------------------------------------------------- prompt files + CLIP
+
+
+@dataclass(frozen=True)
+class PromptProblem:
+    prompt: str
+    tag: str
+
+
+@TASKS.register("t2i_prompts")
+class PromptsTask:
+    """Text-to-image prompts from a file (.txt: one per line; .jsonl: {"prompt": ..., "tag": ...}),
+    scored by named rewards (`rewards: {clip: {arch: ViT-B-32, weights: /path/open_clip.bin}}`).
+    Without `test_path`, a stable hash of the prompt holds out `test_fraction` of them."""
+
+    def __init__(
+        self,
+        path: str,
+        rewards: dict[str, dict] | None = None,
+        reward: str = "tag",
+        test_path: str | None = None,
+        test_fraction: float = 0.1,
+        default_tag: str = "clip",
+    ):
+        import hashlib
+        import json
+        from pathlib import Path
+
+        def read(p: str) -> list[PromptProblem]:
+            out = []
+            for i, line in enumerate(Path(p).read_text().splitlines(), 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if p.endswith(".jsonl"):
+                    try:
+                        row = json.loads(line)
+                        out.append(PromptProblem(str(row["prompt"]), str(row.get("tag", default_tag))))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{p}:{i}: expected a JSON object with a 'prompt' key; fix or remove the line") from None
+                else:
+                    out.append(PromptProblem(line, default_tag))
+            if not out:
+                raise ValueError(f"{p}: no prompts found")
+            return out
+
+        rows = read(path)
+        if test_path is not None:
+            self._train, self._test = rows, read(test_path)
+        else:
+            def held_out(p: PromptProblem) -> bool:
+                return int.from_bytes(hashlib.sha256(p.prompt.encode()).digest()[:8], "big") / 2**64 < test_fraction
+
+            self._train = [p for p in rows if not held_out(p)]
+            self._test = [p for p in rows if held_out(p)] or rows[:1]
+        self.reward_specs = rewards if rewards is not None else {"clip": {}}
+        for name, spec in self.reward_specs.items():
+            if spec.get("type", "clip") != "clip":
+                raise ValueError(f"task.rewards.{name}.type: only 'clip' (open_clip CLIP score) is built in; got {spec.get('type')!r}")
+        tags = {p.tag for p in self._train}
+        if reward == "tag" and not tags <= set(self.reward_specs):
+            raise ValueError(f"task.reward 'tag': prompts are tagged {sorted(tags)} but the rewards are {sorted(self.reward_specs)}; name one reward per tag")
+        if reward not in ("tag", "avg", *self.reward_specs):
+            raise ValueError(f"task.reward must be 'tag', 'avg' or one of {sorted(self.reward_specs)}; got {reward!r}")
+        self.reward = reward
+        self._models: dict[str, object] = {}
+
+    def vocabulary(self) -> list[str]:
+        words = {w for p in self._train + self._test for w in p.prompt.lower().split()}
+        return sorted(w for w in words if w.isalnum() and w.isascii())
+
+    def summary(self) -> str:
+        return f"t2i_prompts: {len(self._train)} train / {len(self._test)} held-out prompts, rewards {sorted(self.reward_specs)}"
+
+    def sample_train(self, rng: random.Random) -> PromptProblem:
+        return rng.choice(self._train)
+
+    def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[PromptProblem]:
+        pool = self._test if split == "test" else self._train
+        n = len(pool) if n is None else n
+        return [pool[i % len(pool)] for i in range(n)]
+
+    def render(self, problems, seed: int = 0, size: int = 16):
+        raise ValueError("t2i_prompts has no images to train on; use flow_matching with source: teacher, or start from a trained pipeline")
+
+    def rewards(self, problems: list[PromptProblem], images) -> dict[str, np.ndarray]:
+        from mmdistill.modalities.flow.rewards import ClipScore
+
+        out = {}
+        for name, spec in self.reward_specs.items():
+            if name not in self._models:
+                args = {k: v for k, v in spec.items() if k != "type"}
+                self._models[name] = ClipScore(**args, device=images.device, name=name)
+            out[name] = self._models[name](images, [p.prompt for p in problems])
+        return out
+
+    def train_reward(self, problems: list[PromptProblem], rewards: dict[str, np.ndarray]) -> np.ndarray:
+        if self.reward == "avg":
+            return np.mean(list(rewards.values()), axis=0)
+        if self.reward == "tag":
+            return np.array([rewards[p.tag][i] for i, p in enumerate(problems)], dtype=np.float32)
+        return rewards[self.reward]
