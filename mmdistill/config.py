@@ -116,6 +116,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
+    stop_at: dict[str, float] = field(default_factory=dict)  # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
+    min_lr_ratio: float = 0.0  # cosine / linear schedules decay to lr * min_lr_ratio
     save_every: int = 50
     chunk_size: int = 1024  # rows of logits materialised at once in divergences
 
@@ -530,6 +532,10 @@ def _check_positive(st: StageConfig, where: str) -> None:
             raise ConfigError(f"{where}.{section}.{key}: {value} is below the smallest allowed value {low}")
     if st.eval.k > 1 and st.eval.temperature <= 0:
         raise ConfigError(f"{where}.eval.k={st.eval.k} needs eval.temperature > 0 (greedy samples are all the same)")
+    if st.train.stop_at and not st.train.eval_every:
+        raise ConfigError(f"{where}.train.stop_at needs train.eval_every > 0 (the metrics are read at each evaluation)")
+    if not 0.0 <= st.train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{where}.train.min_lr_ratio must lie in [0, 1]; got {st.train.min_lr_ratio}")
     if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
         raise ConfigError(f"{where}.train.micro_batch_size={st.train.micro_batch_size} must divide train.batch_size={st.train.batch_size}")
     if st.train.batch_size % st.rollout.group_size:

@@ -136,14 +136,15 @@ def sample_train(task: Any, rng: random.Random, n: int) -> list[Any]:
     return [rng.choice(pool) for _ in range(n)]
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
         frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+        return min_ratio + (1 - min_ratio) * decay
 
     return f
 
@@ -177,7 +178,7 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
     student, optimizer = acc.prepare(student, optimizer)
     student.train()
 
@@ -253,6 +254,9 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                           out_dir=stage_dir / "samples", tag=f"step_{step + 1:06d}")
             student.train()
             record.update({f"eval_{k}": v for k, v in headline(ev).items()})
+            reached = tc.stop_at and all(headline(ev).get(m, -math.inf) >= target for m, target in tc.stop_at.items())
+            if reached:
+                record["stopped_early"] = 1.0
         record["time"] = round(time.time() - t0, 3)
         evaluated = any(k.startswith("eval_") for k in record)
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or evaluated:
@@ -261,15 +265,20 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
             bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
         if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
             save_training_state(ckpt_root, step + 1, acc.unwrap_model(student), optimizer, scheduler, {"samples_seen": (step + 1) * tc.batch_size})
+        if "stopped_early" in record:
+            if not ctx.quiet:
+                print(f"[{st.name}] stop_at {tc.stop_at} reached at step {step + 1}")
+            break
     bar.close()
     train_seconds = time.time() - t0
+    steps_done = step + 1 if tc.steps > start else start
 
     final_model = acc.unwrap_model(student)
     if compute_dtype != torch.float32:
         final_model = final_model.to(compute_dtype)
     with atomic_dir(stage_dir / "final") as tmp:
         adapter.save(final_model, tmp)
-    return _finish_stage(ctx, st, task, final_model, train_seconds)
+    return _finish_stage(ctx, st, task, final_model, train_seconds, steps_done)
 
 
 def headline(ev: dict[str, Any]) -> dict[str, float]:
@@ -277,14 +286,15 @@ def headline(ev: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
 
 
-def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float) -> dict[str, Any]:
+def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float, steps_done: int | None = None) -> dict[str, Any]:
     stage_dir = ctx.run_dir / st.name
     ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
     try:
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})")
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
         print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
-    return {"kind": "train", "objective": st.objective["type"], "steps": st.train.steps, "train_seconds": round(train_seconds, 1), "eval": ev}
+    steps = st.train.steps if steps_done is None else steps_done
+    return {"kind": "train", "objective": st.objective["type"], "steps": steps, "train_seconds": round(train_seconds, 1), "eval": ev}
 
 
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:

@@ -9,6 +9,9 @@ velocity on the student's own states.  Pieces, all on `[B, T, D]` velocities:
   distance (`velocity_distance`, switch `reward_scale` [verify]) is
       "paper": d_t = w(t) ||v - v_tgt||^2  -- the exact KL between the two step Gaussians
       "code":  d_t = (w(t) / |dt|) mean_D (v - v_tgt)^2  -- the reference code drops |dt| and averages over D;
+      "flat":  d_t = mean_D (v - v_tgt)^2  -- plain velocity matching, every step weighted alike (ours: w(t)
+               grows like 1 / sigma_t^2 at low noise, so the last steps dominate the exact KL while layout
+               is decided at the high-noise steps);
 - variant "clipped": the reward is the advantage of a PPO-clipped ratio update over the
   denoising steps (`gamma` > 0: discounted reward-to-go, as in text OPD);
 - variant "gkd": the direct loss `sum_t d_t(v_theta, v_tgt)`, gradient through v_theta
@@ -48,7 +51,7 @@ __all__ = [
     "flow_opd_loss",
 ]
 
-RewardScale = Literal["paper", "code"]
+RewardScale = Literal["paper", "code", "flat"]
 Variant = Literal["clipped", "gkd"]
 
 
@@ -76,13 +79,16 @@ def velocity_distance(
     dt_B_T: torch.Tensor,
     reward_scale: RewardScale = "paper",
 ) -> torch.Tensor:
-    """Per-step distance `[B, T]`: "paper" `w ||dv||^2` (the step KL) or "code" `(w / |dt|) mean_D dv^2`."""
+    """Per-step distance `[B, T]`: "paper" `w ||dv||^2` (the step KL), "code" `(w / |dt|) mean_D dv^2`,
+    or "flat" `mean_D dv^2`."""
+    if reward_scale == "flat":
+        return (v_B_T_D - v_target_B_T_D).square().mean(-1)
     d_B_T = step_velocity_kl(v_B_T_D, v_target_B_T_D, kl_weight_B_T)
     if reward_scale == "paper":
         return d_B_T
     if reward_scale == "code":
         return d_B_T / (dt_B_T.abs() * v_B_T_D.shape[-1])
-    raise ValueError(f"reward_scale must be 'paper' (exact step KL) or 'code' (no |dt|, mean over dims); got {reward_scale!r}")
+    raise ValueError(f"reward_scale must be 'paper' (exact step KL), 'code' (no |dt|, mean over dims) or 'flat' (mean squared velocity difference); got {reward_scale!r}")
 
 
 @torch.no_grad()

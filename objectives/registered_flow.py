@@ -153,7 +153,7 @@ class FlowOPD:
     def __init__(
         self,
         variant: Literal["clipped", "gkd"] = "gkd",
-        reward_scale: Literal["paper", "code"] = "paper",
+        reward_scale: Literal["paper", "code", "flat"] = "paper",
         coef: float = 1.0,
         gamma: float = 1.0,
         clip_eps: float | None = 1e-4,

@@ -264,3 +264,24 @@ def dataclass_dict(cfg):
     import dataclasses
 
     return dataclasses.asdict(cfg)
+
+
+def test_stop_at_ends_a_stage_when_the_eval_metric_reaches_the_target(tmp_path):
+    raw = raw_smoke(tmp_path)
+    raw["stages"] = raw["stages"][:1]
+    raw["stages"][0]["train"].update(steps=5, eval_every=1, stop_at={"color_reward": 0.0}, log_every=1)
+    report = run_pipeline(config_from_raw(raw), quiet=True)
+    rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert report["stages"]["base"]["steps"] == 1 and rows[-1]["stopped_early"] == 1.0 and len(rows) == 1
+    raw["stages"][0]["train"]["eval_every"] = 0
+    with pytest.raises(Exception, match="stop_at needs train.eval_every"):
+        config_from_raw(raw)
+
+
+def test_flat_reward_scale_is_the_mean_squared_velocity_difference():
+    from mmdistill.objectives.flow_opd import velocity_distance
+
+    g = torch.Generator().manual_seed(0)
+    v, u = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    w, dt = torch.rand(2, 3, generator=g) * 10, -torch.rand(2, 3, generator=g)
+    torch.testing.assert_close(velocity_distance(v, u, w, dt, "flat"), (v - u).square().mean(-1))
