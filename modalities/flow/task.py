@@ -54,6 +54,7 @@ class ShapesTask:
         self._train = S.split_prompts("train", test_fraction)
         self._test = S.split_prompts("test", test_fraction)
         random.Random(0).shuffle(self._test)  # a fixed order that mixes colours and relations (grids, small n)
+        random.Random(1).shuffle(self._train)
 
     def vocabulary(self) -> list[str]:
         return list(S.VOCABULARY)
