@@ -7,6 +7,7 @@ so a pipeline stopped anywhere resumes at the stage (and step) where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -146,33 +147,45 @@ def plot_report(ctx: RunContext, png: Path) -> None:
     curves = [(n, p) for n, p in curves if p.exists()]
     if not evals and not curves:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    # the results bar chart, then one panel of curves per training stage (training reward, evaluations)
+    cols = 3
+    rows_n = 1 + math.ceil(len(curves) / cols) if curves else 1
+    fig = plt.figure(figsize=(12, 3.6 * rows_n))
+    grid = fig.add_gridspec(rows_n, cols)
+    ax0 = fig.add_subplot(grid[0, :])
     if evals:  # grouped horizontal bars: one group per model, one bar per metric
         metrics = list(dict.fromkeys(m for _, h in evals for m in h if not m.startswith("pass@")))
         height = 0.8 / max(len(metrics), 1)
         for j, m in enumerate(metrics):
             ys = [i + j * height for i in range(len(evals))]
             vals = [h.get(m, 0.0) for _, h in evals]
-            axes[0].barh(ys, vals, height=height, label=m)
+            ax0.barh(ys, vals, height=height, label=m)
             for y, v in zip(ys, vals):
-                axes[0].text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7)
-        axes[0].set_yticks([i + 0.4 - height / 2 for i in range(len(evals))], [k for k, _ in evals])
-        axes[0].set_xlim(0, 1.1)
-        axes[0].set_xlabel("held-out score")
+                ax0.text(v + 0.01, y, f"{v:.3f}", va="center", fontsize=7)
+        ax0.set_yticks([i + 0.4 - height / 2 for i in range(len(evals))], [k for k, _ in evals])
+        ax0.set_xlim(0, 1.1)
+        ax0.set_xlabel("held-out score")
         if len(metrics) > 1:
-            axes[0].legend(fontsize=7)
-    for name, path in curves:
+            ax0.legend(fontsize=7, loc="lower right")
+    for i, (name, path) in enumerate(curves):
+        ax = fig.add_subplot(grid[1 + i // cols, i % cols])
         rows = read_jsonl(path)
         key = next((k for k in ("student_reward", "teacher_reward") if any(k in r for r in rows)), None)
         if key:
-            axes[1].plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=f"{name}: {key}")
-        for ek in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_")):
-            ev = [(r["step"], r[ek]) for r in rows if ek in r]
-            axes[1].plot(*zip(*ev), "o--", label=f"{name}: {ek}")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylim(0, 1)
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7)
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], lw=0.8, alpha=0.6, label=f"train: {key}")
+        final = headline(ctx.stage_results[name].get("eval", {}))  # the stage's final evaluation ends each curve
+        for j, m in enumerate(dict.fromkeys([k[len("eval_"):] for r in rows for k in r if k.startswith("eval_")] + list(final))):
+            if m.startswith("pass@"):
+                continue
+            ev = [(r["step"], r[f"eval_{m}"]) for r in rows if f"eval_{m}" in r]
+            if m in final:
+                ev.append((ctx.stage_results[name].get("steps", ev[-1][0] if ev else 0), final[m]))
+            ax.plot(*zip(*ev), "o--", color=f"C{j}", label=m)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
