@@ -50,6 +50,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     if hasattr(task, "summary") and not quiet:
         print(f"[task] {task.summary()}")
     adapter_cls = ADAPTERS.get(cfg.adapter)
+    for name, m in cfg.models.items():  # pre-flight: checkpoints are of the adapter's kind
+        if m.path is not None and hasattr(adapter_cls, "check_checkpoint"):
+            adapter_cls.check_checkpoint(m.path, name)
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer_config.json").exists():  # resumed run: the exact tokenizer of the first start
         from transformers import AutoTokenizer
@@ -64,6 +67,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
         if m.path is not None and hasattr(adapter_cls, "check_tokenizer_of"):
             adapter_cls.check_tokenizer_of(m.path, tokenizer, name, compare_chat_template=cfg.tokenizer.chat_template is None)
+
     chunk = cfg.stages[0].train.chunk_size
     adapter = adapter_cls(tokenizer, device=acc.device, chunk_size=chunk)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)

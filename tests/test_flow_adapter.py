@@ -205,6 +205,20 @@ def test_flow_config_errors_are_one_line(tmp_path, capsys, change, fragment):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_that_is_not_a_pipeline_is_refused_before_any_stage(tmp_path, capsys):
+    raw = yaml.safe_load((REPO / "configs" / "flow" / "shapes_flow_opd.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "notapipe").mkdir()
+    (tmp_path / "notapipe" / "config.json").write_text("{}")
+    raw["models"]["base_init"] = {"path": str(tmp_path / "notapipe")}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a diffusers pipeline directory" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "base").exists()
+
+
 def test_bench_flow_sampling_writes_ratio_and_matches_diffusers(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "flow-sampling", "--quick", "--device", "cpu", "--out", str(out)]) == 0

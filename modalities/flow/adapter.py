@@ -111,6 +111,17 @@ class FlowAdapter:
                 raise CheckpointError(f"cannot load a CLIP tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path") from None
         return P.build_clip_tokenizer(task.vocabulary(), max_length=16)
 
+    @staticmethod
+    def check_checkpoint(path: str, name: str) -> None:
+        """Pre-flight: a local checkpoint must be a diffusers pipeline directory with a transformer."""
+        p = Path(path)
+        if not p.exists():
+            return  # a hub id, resolved by from_pretrained
+        if not (p / "model_index.json").is_file():
+            raise CheckpointError(f"models.{name}.path: '{path}' is not a diffusers pipeline directory (no model_index.json); give the folder save_pretrained wrote")
+        if not (p / "transformer" / "config.json").is_file():
+            raise CheckpointError(f"models.{name}.path: '{path}' has no transformer/ folder; the flow adapter trains the pipeline's transformer")
+
     def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
         """The transformer of a pipeline (directory or hub id) or of a tiny random-init pipeline."""
         if cfg.tiny is not None:
