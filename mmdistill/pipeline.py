@@ -54,7 +54,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
         if m.path is not None and hasattr(adapter_cls, "check_checkpoint"):
             adapter_cls.check_checkpoint(m.path, name)
     tok_dir = run_dir / "tokenizer"
-    if (tok_dir / "tokenizer_config.json").exists():  # resumed run: the exact tokenizer of the first start
+    if not getattr(adapter_cls, "needs_tokenizer", True):
+        tokenizer = None  # an adapter without a tokenizer (state-based robot policies)
+    elif (tok_dir / "tokenizer_config.json").exists():  # resumed run: the exact tokenizer of the first start
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -70,6 +72,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
 
     chunk = cfg.stages[0].train.chunk_size
     adapter = adapter_cls(tokenizer, device=acc.device, chunk_size=chunk)
+    if hasattr(adapter, "bind"):  # adapters whose models depend on the task (the environment's sizes)
+        adapter.bind(task)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)
 
     t0 = time.time()
@@ -167,7 +171,8 @@ def plot_report(ctx: RunContext, png: Path) -> None:
             for y, v in zip(ys, vals):
                 ax0.text(v + 0.01, y, f"{v:.3f}", va="center", fontsize=7)
         ax0.set_yticks([i + 0.4 - height / 2 for i in range(len(evals))], [k for k, _ in evals])
-        ax0.set_xlim(0, 1.1)
+        allv = [v for _, h in evals for k, v in h.items() if k in metrics]
+        ax0.set_xlim(min(0.0, min(allv) * 1.15), max(1.1, max(allv) * 1.15))
         ax0.set_xlabel("held-out score")
         if len(metrics) > 1:
             ax0.legend(fontsize=7, loc="lower right")
@@ -187,7 +192,9 @@ def plot_report(ctx: RunContext, png: Path) -> None:
             ax.plot(*zip(*ev), "o--", color=f"C{j}", label=m)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylim(0, 1.02)
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if ys and 0 <= min(ys) and max(ys) <= 1:
+            ax.set_ylim(0, 1.02)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.tight_layout()

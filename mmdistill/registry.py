@@ -65,6 +65,8 @@ def _load_builtins() -> None:
         "mmdistill.modalities.text.adapter",
         "mmdistill.modalities.text.registered_tasks",
         "mmdistill.objectives.registered_flow",  # needs only torch
+        "mmdistill.modalities.robot.adapter",
+        "mmdistill.modalities.robot.task",
     ):
         importlib.import_module(mod)
     for mod in ("mmdistill.modalities.flow.adapter", "mmdistill.modalities.flow.task"):

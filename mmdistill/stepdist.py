@@ -71,6 +71,10 @@ class Categorical:
     def kl(self, other: "Categorical") -> Tensor:
         return self.divergence(other, beta=1.0)
 
+    def mode(self) -> Tensor:
+        """The most likely token `[B, T]`: the target of hard-CE / DAgger."""
+        return self.logits_B_T_V.argmax(-1)
+
     def entropy(self) -> Tensor:
         lp = self.logp_B_T_V()
         return -(lp.exp() * lp).sum(-1) * self.mask_B_T
@@ -210,6 +214,18 @@ class Gaussian:
         var = self.std_B_T_D**2
         lp = -((actions_B_T_D - self.mean_B_T_D) ** 2) / (2 * var) - self.std_B_T_D.log() - 0.5 * math.log(2 * math.pi)
         return lp.sum(-1) * self.mask_B_T
+
+    def divergence(self, teacher: "Gaussian", beta: float) -> Tensor:
+        """Per-step KL in closed form: beta = 1 reverse KL(self || teacher), beta = 0 forward KL(teacher || self)."""
+        if beta == 1.0:
+            return self.kl(teacher)
+        if beta == 0.0:
+            return teacher.kl(self)
+        raise ValueError(f"the generalized JSD(beta={beta}) between Gaussians has no closed form; use beta 0 (forward KL) or 1 (reverse KL)")
+
+    def mode(self) -> Tensor:
+        """The most likely action `[B, T, D]` (the mean): the target of hard-CE / DAgger."""
+        return self.mean_B_T_D
 
     def kl(self, other: "Gaussian") -> Tensor:
         v1, v2 = self.std_B_T_D**2, other.std_B_T_D**2

@@ -135,6 +135,30 @@ class GKD(_Divergence):
         return "student" if rng.random() < self.lmbda else "dataset"
 
 
+@OBJECTIVES.register("hard_ce")
+class HardCE:
+    """DAgger-style hard cross-entropy: -sum_t log pi_S(mode of pi_T(.|s_t)) on the student's own
+    states (the teacher's most likely action as the label; mode-collapsing by design)."""
+
+    needs_teacher = True
+    needs_reference = False
+    needs_rewards = False
+    scores_with_teacher = True
+    temperature = 1.0
+
+    def __init__(self, source: Source = "student"):
+        self.source = source
+
+    def pick_source(self, rng: random.Random) -> str:
+        return self.source
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        nll_B_T = -b.student.log_prob(b.teacher.mode().detach())
+        loss = _masked_sum(nll_B_T, b.rollout.mask_B_T) / b.normalizer
+        n = b.rollout.mask_B_T.sum().clamp(min=1)
+        return loss, {"nll": float(_masked_sum(nll_B_T.detach(), b.rollout.mask_B_T) / n)}
+
+
 @OBJECTIVES.register("opd")
 class OPD:
     """Sampled-token on-policy distillation: advantage -coef (log pi_old - log pi_T), discounted by gamma,
