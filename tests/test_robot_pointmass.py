@@ -77,3 +77,69 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
     assert report["teacher"]["success_rate"] >= 0.9
     assert report["rkl_opd"]["success_rate"] >= report["warmup"]["success_rate"] + 0.3
     assert (tmp_path / "run" / "rkl_opd" / "final" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the environment pool
+
+
+class _CrashOnce:
+    """A picklable factory whose environment kills its process on the 3rd step (only in the first worker life)."""
+
+    def __init__(self, flag_path: str):
+        self.flag_path = flag_path
+
+    def __call__(self):
+        import os
+
+        from mmdistill.modalities.robot.envs import PointMassEnv
+
+        flag = self.flag_path
+
+        class Env(PointMassEnv):
+            def step(self, action):
+                if self.t == 2 and not os.path.exists(flag):
+                    open(flag, "w").close()
+                    os._exit(1)  # a simulator segfault, as the parent sees it
+                return super().step(action)
+
+        return Env()
+
+
+def test_pool_matches_a_single_environment_for_the_same_initial_states():
+    import numpy as np
+
+    from mmdistill.modalities.robot.envs import PointMassEnv
+    from mmdistill.modalities.robot.vec import EnvPool
+
+    task = ReachTask()
+    actions = np.random.default_rng(0).uniform(-1, 1, (5, 3, 2)).astype(np.float32)
+    with EnvPool(task.make_env, num_workers=3) as pool:
+        obs = pool.reset([0, 7, 9])
+        stepped = [pool.step(actions[t]) for t in range(5)]
+    for i, s in enumerate([0, 7, 9]):
+        env = task.make_env()
+        np.testing.assert_array_equal(env.reset(s), obs[i])
+        for t in range(5):
+            o, r, done, info = env.step(actions[t, i])
+            np.testing.assert_array_equal(o, stepped[t][i][0])
+            assert (r, done, info["success"]) == stepped[t][i][1:]
+    assert isinstance(PointMassEnv(), PointMassEnv)
+
+
+def test_a_killed_worker_is_replaced(tmp_path):
+    import numpy as np
+
+    from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
+
+    with EnvPool(_CrashOnce(str(tmp_path / "crashed")), num_workers=2) as pool:
+        pool.reset([0, 1])
+        a = np.zeros((2, 2), np.float32)
+        pool.step(a)
+        pool.step(a)
+        with pytest.raises(WorkerCrashed) as err:
+            pool.step(a)
+        assert err.value.slots == [0] and pool.restarts == 1  # the flag file lets only the first crash
+        obs = pool.reset([0, 1])  # the replacements run the episodes again
+        assert obs.shape == (2, 4)
+        for _ in range(4):
+            pool.step(a)
