@@ -77,6 +77,7 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
     assert report["teacher"]["success_rate"] >= 0.9
     assert report["rkl_opd"]["success_rate"] >= report["warmup"]["success_rate"] + 0.3
     assert (tmp_path / "run" / "rkl_opd" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "evaluate" / "rkl_opd.gif").stat().st_size > 1000  # episode video
 
 
 # ----------------------------------------------------------------------------- the environment pool

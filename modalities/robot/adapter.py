@@ -167,4 +167,10 @@ class RobotPolicyAdapter:
         r = self.run_episodes(model, states, None, sample=False)
         d = self.step_dist(model, r)
         n_steps = r.mask_B_T.sum().clamp(min=1)
-        return {"n": len(states), "success_rate": float(r.rewards_B.mean()), "entropy": float(d.entropy().sum() / n_steps)}
+        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "entropy": float(d.entropy().sum() / n_steps)}
+        if out_dir is not None and cfg.grid > 0 and hasattr(task, "render_episodes"):
+            path = Path(out_dir) / f"{tag}.gif"
+            task.render_episodes(r.steps["obs_B_T_O"][: cfg.grid].cpu().numpy(), r.mask_B_T[: cfg.grid].cpu().numpy(),
+                                 r.rewards_B[: cfg.grid].cpu().numpy(), path)
+            out["video"] = str(path)
+        return out

@@ -35,6 +35,46 @@ class ReachTask:
     def sample_train(self, rng: random.Random) -> int:
         return rng.choice(self.initial_states.train_ids)
 
+    def render_episodes(self, obs_B_T_O, mask_B_T, success_B, path) -> None:
+        """An animated GIF of up to 16 episodes side by side: the point (blue, green once it
+        succeeded), its trail and the goal disc (red)."""
+        import math
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from PIL import Image
+
+        B = min(len(obs_B_T_O), 16)
+        cols = min(4, B)
+        rows = math.ceil(B / cols)
+        lengths = mask_B_T[:B].sum(1).astype(int)
+        frames = []
+        for t in range(int(lengths.max()) if B else 0):
+            fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+            for b, ax in enumerate(axes.flat):
+                ax.set_xlim(-1.5, 1.5), ax.set_ylim(-1.5, 1.5), ax.set_xticks([]), ax.set_yticks([])
+                if b >= B:
+                    ax.axis("off")
+                    continue
+                k = min(t, lengths[b] - 1)
+                ax.add_patch(plt.Circle(obs_B_T_O[b, 0, 2:4], self.radius, color="tab:red", alpha=0.5))
+                ax.plot(obs_B_T_O[b, : k + 1, 0], obs_B_T_O[b, : k + 1, 1], lw=0.8, color="gray")
+                done = t >= lengths[b] - 1 and success_B[b] > 0
+                ax.plot(*obs_B_T_O[b, k, :2], "o", color="tab:green" if done else "tab:blue", ms=4)
+            fig.tight_layout(pad=0.2)
+            fig.canvas.draw()
+            frames.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+            plt.close(fig)
+        if frames:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path).with_suffix(".tmp.gif")
+            frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=120, loop=0)
+            tmp.replace(path)
+
     def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[int]:
         pool = self.initial_states.eval_ids if split == "test" else self.initial_states.train_ids
         n = len(pool) if n is None else n
