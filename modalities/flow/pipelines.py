@@ -255,6 +255,10 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32, de
     from diffusers import DiffusionPipeline
 
     index_file = Path(path) / "model_index.json"
+    if not Path(path).exists():  # a hub id: from_pretrained resolves (and caches) it
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device=device)
     if not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     index = json.loads(index_file.read_text())
