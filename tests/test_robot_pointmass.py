@@ -84,7 +84,8 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
 
 
 class _CrashOnce:
-    """A picklable factory whose environment kills its process on the 3rd step (only in the first worker life)."""
+    """A picklable factory whose environment kills its process on the 3rd step of the episode from
+    initial state 0, the first time only (a flag file remembers it)."""
 
     def __init__(self, flag_path: str):
         self.flag_path = flag_path
@@ -97,8 +98,12 @@ class _CrashOnce:
         flag = self.flag_path
 
         class Env(PointMassEnv):
+            def reset(self, init_state):
+                self.init_state = init_state
+                return super().reset(init_state)
+
             def step(self, action):
-                if self.t == 2 and not os.path.exists(flag):
+                if self.init_state == 0 and self.t == 2 and not os.path.exists(flag):
                     open(flag, "w").close()
                     os._exit(1)  # a simulator segfault, as the parent sees it
                 return super().step(action)
@@ -139,8 +144,26 @@ def test_a_killed_worker_is_replaced(tmp_path):
         pool.step(a)
         with pytest.raises(WorkerCrashed) as err:
             pool.step(a)
-        assert err.value.slots == [0] and pool.restarts == 1  # the flag file lets only the first crash
+        assert err.value.slots == [0] and pool.restarts == 1
         obs = pool.reset([0, 1])  # the replacements run the episodes again
         assert obs.shape == (2, 4)
         for _ in range(4):
             pool.step(a)
+
+
+def test_episodes_in_worker_processes_equal_in_process_episodes():
+    from mmdistill.config import ModelConfig
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter, TinyPolicyConfig
+
+    rollouts = []
+    for workers in (0, 3):
+        adapter = RobotPolicyAdapter()
+        adapter.bind(ReachTask(num_workers=workers))
+        policy = adapter.load_model(ModelConfig(tiny=TinyPolicyConfig(seed=3)), "p")
+        rollouts.append(adapter.run_episodes(policy, [0, 5, 9, 11, 13], torch.Generator().manual_seed(0)))
+        if adapter._pool is not None:
+            adapter._pool.close()
+    a, b = rollouts
+    for field in ("actions", "mask_B_T", "behavior_logp_B_T", "rewards_B"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field))
+    torch.testing.assert_close(a.steps["obs_B_T_O"], b.steps["obs_B_T_O"])

@@ -43,6 +43,18 @@ class TinyPolicyConfig:
     seed: int = 0
 
 
+def _concat(parts: list[Rollout]) -> Rollout:
+    """Rollouts of the same horizon, stacked along the batch."""
+    if len(parts) == 1:
+        return parts[0]
+    return Rollout(
+        context=[c for p in parts for c in p.context],
+        steps={"obs_B_T_O": torch.cat([p.steps["obs_B_T_O"] for p in parts])},
+        actions=torch.cat([p.actions for p in parts]), mask_B_T=torch.cat([p.mask_B_T for p in parts]),
+        behavior_logp_B_T=torch.cat([p.behavior_logp_B_T for p in parts]), rewards_B=torch.cat([p.rewards_B for p in parts]),
+    )
+
+
 def unwrap(model: Any) -> Any:
     while hasattr(model, "module"):
         model = model.module
@@ -58,6 +70,7 @@ class RobotPolicyAdapter:
         self.device = torch.device(device)
         self.chunk_size = chunk_size
         self.task: Any = None  # set by `bind`: the environment factory and action dimension
+        self._pool: Any = None  # worker processes, when the task asks for them
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> None:
@@ -113,10 +126,43 @@ class RobotPolicyAdapter:
 
     @torch.no_grad()
     def run_episodes(self, model: Any, init_states: list[int], gen: torch.Generator | None, sample: bool = True) -> Rollout:
-        envs = [self.task.make_env() for _ in init_states]
-        obs = np.stack([e.reset(i) for e, i in zip(envs, init_states)])
-        B, T = len(envs), envs[0].max_steps
-        O, A = obs.shape[1], self.task.action_dim
+        """One episode per initial state, batched over episodes.  With `task.num_workers > 0` the
+        environments run in worker processes (`vec.EnvPool`), in chunks of that many episodes; a
+        chunk whose worker crashed is rerun from its initial states with the same policy noise."""
+        workers = int(getattr(self.task, "num_workers", 0) or 0)
+        # the policy noise of every episode is drawn up front, so chunking and reruns change nothing
+        eps_B_T_A = None
+        if sample:
+            eps_B_T_A = torch.randn(len(init_states), self.task.max_steps, self.task.action_dim, generator=gen, device=self.device)
+        if workers <= 0:
+            return self._episodes(model, init_states, eps_B_T_A, None)
+        from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
+
+        if self._pool is None or len(self._pool.workers) != workers:
+            self._pool = EnvPool(self.task.make_env, workers)
+        parts = []
+        for i in range(0, len(init_states), workers):
+            chunk = init_states[i : i + workers]
+            eps = eps_B_T_A[i : i + workers] if eps_B_T_A is not None else None
+            for attempt in range(3):
+                try:
+                    parts.append(self._episodes(model, chunk, eps, self._pool))
+                    break
+                except WorkerCrashed as e:
+                    if attempt == 2:
+                        raise
+                    print(f"[robot] {e}")
+        return _concat(parts)
+
+    def _episodes(self, model: Any, init_states: list[int], eps_B_T_A: Tensor | None, pool: Any) -> Rollout:
+        """Episodes from `init_states`; actions `mean + std * eps` (the mode when eps is None)."""
+        if pool is None:
+            envs = [self.task.make_env() for _ in init_states]
+            obs = np.stack([e.reset(i) for e, i in zip(envs, init_states)])
+        else:
+            obs = pool.reset(init_states)
+        T = self.task.max_steps
+        B, O, A = len(init_states), obs.shape[1], self.task.action_dim
         obs_B_T_O = torch.zeros(B, T, O, device=self.device)
         act_B_T_A = torch.zeros(B, T, A, device=self.device)
         mask_B_T = torch.zeros(B, T, device=self.device)
@@ -129,18 +175,23 @@ class RobotPolicyAdapter:
                 break
             o = torch.as_tensor(obs, device=self.device).view(B, 1, O)
             d = policy.dist(o, torch.ones(B, 1, device=self.device))
-            if sample:
-                eps = torch.randn(d.mean_B_T_D.shape, generator=gen, device=self.device)
-                a = d.mean_B_T_D + d.std_B_T_D * eps
+            if eps_B_T_A is not None:
+                a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_A[:, t : t + 1]
             else:
                 a = d.mode()
             lp = d.log_prob(a)
             keep = torch.as_tensor(alive, device=self.device, dtype=torch.float32)
             obs_B_T_O[:, t], act_B_T_A[:, t], mask_B_T[:, t], logp_B_T[:, t] = o[:, 0], a[:, 0], keep, lp[:, 0] * keep
             a_np = a[:, 0].cpu().numpy()
-            for b in np.flatnonzero(alive):
-                obs[b], _, done, info = envs[b].step(a_np[b])
-                if info["success"]:
+            live = [int(b) for b in np.flatnonzero(alive)]
+            if pool is None:
+                results = {b: envs[b].step(a_np[b]) for b in live}
+                results = {b: (o_, r_, d_, i_["success"]) for b, (o_, r_, d_, i_) in results.items()}
+            else:
+                results = pool.step(a_np, active=live)
+            for b, (ob, _, done, ok) in results.items():
+                obs[b] = ob
+                if ok:
                     success[b] = 1.0
                 alive[b] = not done
         return Rollout(

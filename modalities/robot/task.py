@@ -19,9 +19,13 @@ class ReachTask:
     obs_dim = PointMassEnv.obs_dim
     action_dim = PointMassEnv.action_dim
 
-    def __init__(self, num_states: int = 200, num_eval: int = 50, max_steps: int = 30, radius: float = 0.1, seed: int = 1234):
+    def __init__(self, num_states: int = 200, num_eval: int = 50, max_steps: int = 30, radius: float = 0.1, seed: int = 1234,
+                 num_workers: int = 0):
         if max_steps < 1 or radius <= 0:
             raise ValueError(f"task.max_steps must be >= 1 and task.radius > 0; got {max_steps}, {radius}")
+        if num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}")
+        self.num_workers = num_workers  # > 0: environments in worker processes (modalities/robot/vec.py)
         self.initial_states = point_mass_initial_states(num_states, num_eval, seed)
         self.max_steps, self.radius = max_steps, radius
 
