@@ -103,3 +103,21 @@ def test_rewards_of_arbitrary_images_lie_in_unit_interval():
     ps = sample_prompts(random.Random(1), 16)
     for name, r in rewards(imgs, ps).items():
         assert r.shape == (16,) and ((0 <= r) & (r <= 1)).all(), name
+
+
+def test_count_reward_counts_objects_not_fragments():
+    from mmdistill.modalities.flow.shapes import count_reward, render, split_prompts
+
+    p = split_prompts("train")[0]
+    img = render(p, np.random.default_rng(0), size=32)[None]
+    assert count_reward(img, [p])[0] == 1.0
+    broken = img.copy()
+    broken[:] = 0.0  # nothing drawn: no object of either colour
+    assert count_reward(broken, [p])[0] == 0.0
+    two = np.zeros((1, 3, 32, 32), np.float32)
+    rgb1 = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}[p.color1]
+    rgb2 = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}[p.color2]
+    two[0, :, 2:8, 2:8] = np.array(rgb1, np.float32)[:, None, None]
+    two[0, :, 20:26, 20:26] = np.array(rgb1, np.float32)[:, None, None]  # colour 1 twice: two objects
+    two[0, :, 2:8, 20:26] = np.array(rgb2, np.float32)[:, None, None]
+    assert count_reward(two, [p])[0] == 0.5

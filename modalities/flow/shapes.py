@@ -9,11 +9,12 @@ square on the right of a red circle" always land in the same split.
 
 `render` draws the (image, caption) training pairs with numpy: a black background and
 the two shapes with random size and position jitter, images `[3, H, W]` in [0, 1].
-Rewards read pixels only (batched, no model):
+Rewards read pixels only (batched, no model; `count` is reported, not trained on by the recipes):
 - `color_reward`: each named colour covers at least `min_area` of the image, and no
   unnamed palette colour does;
 - `position_reward`: the centroids of the two colours are displaced along the relation's
-  axis by at least a quarter of the image (0 if a colour is missing).
+  axis by at least a quarter of the image (0 if a colour is missing);
+- `count_reward`: each named colour forms exactly one object (one connected region), not fragments.
 
     python -c "from mmdistill.modalities.flow.shapes import *; p = split_prompts('train')[0]; print(p.text, color_reward(render(p)[None], [p]))"
 """
@@ -41,6 +42,7 @@ __all__ = [
     "render_batch",
     "color_reward",
     "position_reward",
+    "count_reward",
     "rewards",
 ]
 
@@ -229,6 +231,43 @@ def position_reward(
     d = sign * np.where(horizontal, x2 - x1, y2 - y1)
     ok = (a1 >= min_area / 4) & (a2 >= min_area / 4)
     return np.where(ok, np.clip(d / margin, 0, 1), 0.0).astype(np.float32)
+
+
+def _components(mask_H_W: np.ndarray, min_pixels: int) -> int:
+    """Number of 4-connected components of at least `min_pixels` pixels (an iterative flood fill)."""
+    H, W = mask_H_W.shape
+    seen = np.zeros_like(mask_H_W, dtype=bool)
+    count = 0
+    for y0, x0 in zip(*np.nonzero(mask_H_W)):
+        if seen[y0, x0]:
+            continue
+        stack, size = [(y0, x0)], 0
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < H and 0 <= xx < W and mask_H_W[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        count += size >= min_pixels
+    return count
+
+
+def count_reward(
+    images_B_3_H_W, prompts: Sequence[ShapesPrompt | str], min_area: float = 0.02, tolerance: float = 0.4
+) -> np.ndarray:
+    """`[B]` in [0, 1]: half a point for each named colour that forms exactly one object (one
+    4-connected region of at least min_area / 4 of the image) -- two objects, not fragments."""
+    images, ps = _as_numpy(images_B_3_H_W), _prompts(prompts)
+    B, _, H, W = images.shape
+    masks = _color_masks(images, tolerance)
+    min_pixels = max(2, int(round(min_area / 4 * H * W)))
+    out = np.zeros(B, np.float32)
+    for b, p in enumerate(ps):
+        for c in (p.color1, p.color2):
+            out[b] += 0.5 * (_components(masks[b, _COLOR_INDEX[c]], min_pixels) == 1)
+    return out
 
 
 def rewards(images_B_3_H_W, prompts: Sequence[ShapesPrompt | str]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 from mmdistill.modalities.flow import shapes as S
 from mmdistill.registry import TASKS
 
-REWARDS = ("color", "position")
+REWARDS = ("color", "position")  # trainable by tag; "count" is also reported at evaluation
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class ShapesTask:
 
     def rewards(self, problems: list[ShapesProblem], images) -> dict[str, np.ndarray]:
         scenes = [p.scene for p in problems]
-        return {"color": S.color_reward(images, scenes), "position": S.position_reward(images, scenes)}
+        return {"color": S.color_reward(images, scenes), "position": S.position_reward(images, scenes), "count": S.count_reward(images, scenes)}
 
     def train_reward(self, problems: list[ShapesProblem], rewards: dict[str, np.ndarray]) -> np.ndarray:
         if self.reward == "avg":
