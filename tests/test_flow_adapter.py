@@ -339,3 +339,17 @@ def test_interrupted_flow_grpo_stage_resumes_to_the_same_weights(tmp_path, monke
     a = load_file(tmp_path / "straight" / "g" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "killed" / "g" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipelines_saved_by_the_run_reload_only_their_transformer(tmp_path, monkeypatch):
+    from mmdistill.modalities.flow import pipelines as P
+
+    adapter = make_adapter()
+    student = tiny(adapter, 1)
+    adapter.save(student, tmp_path / "a")
+    adapter.save(tiny(adapter, 2), tmp_path / "b")
+    monkeypatch.setattr(P, "load_pipeline", lambda *a, **k: pytest.fail("the whole pipeline was loaded again"))
+    b = adapter.load_model(ModelConfig(path=str(tmp_path / "b")), "b")
+    ref = tiny(make_adapter(), 2)
+    for (k, x), y in zip(b.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(x, y), k

@@ -73,6 +73,26 @@ def unwrap(model: Any) -> Any:
     return model
 
 
+FROZEN = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+
+
+def _frozen_signature(path: Path) -> list[tuple[str, int, str]]:
+    """(file, size, sha256 of its first MiB) for every file of the pipeline's frozen folders."""
+    import hashlib
+
+    out = []
+    for comp in FROZEN:
+        folder = path / comp
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    digest = hashlib.sha256(fh.read(1 << 20)).hexdigest()
+                out.append((str(f.relative_to(path)), f.stat().st_size, digest))
+    return out
+
+
 def _fingerprint(module: Any) -> list[float]:
     """A cheap identity of frozen weights: the sum of each parameter (same weights -> same list)."""
     if module is None:
@@ -92,6 +112,7 @@ class FlowAdapter:
         self.pipe: Any = None  # the frozen shared parts come from the first pipeline loaded
         self.image_size: int | None = None
         self._fingerprints: dict[str, list[float]] = {}
+        self._signature: Any = None  # file signature of the frozen folders (see `_frozen_signature`)
         self._cond_cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ loading
@@ -138,6 +159,9 @@ class FlowAdapter:
             image_size = tiny.image_size
         else:
             assert cfg.path is not None
+            fast = self._transformer_only(cfg, name)
+            if fast is not None:
+                return fast
             try:
                 pipe = P.load_pipeline(cfg.path, torch_dtype=DTYPES[cfg.dtype])
             except FileNotFoundError as e:
@@ -151,10 +175,24 @@ class FlowAdapter:
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             raise CompatibilityError(f"models.{name}: the flow adapter needs a FlowMatchEulerDiscreteScheduler; this pipeline has {type(pipe.scheduler).__name__}")
         self._adopt(pipe, name, image_size)
+        if cfg.path is not None and self._signature is None and Path(cfg.path).is_dir():
+            self._signature = _frozen_signature(Path(cfg.path))
         transformer = pipe.transformer.to(self.device, DTYPES[cfg.dtype])
         if cfg.lora is not None:
             transformer = self.add_lora(transformer, cfg.lora)
         return transformer
+
+    def _transformer_only(self, cfg: ModelConfig, name: str) -> Any:
+        """When a local pipeline's frozen folders are byte-identical to the run's (same files as the
+        first pipeline, or as the pipelines this run saved), load only its transformer: teachers and
+        students of a large model then never load a second copy of the text encoders."""
+        path = Path(str(cfg.path))
+        if self.pipe is None or self._signature is None or not path.is_dir() or _frozen_signature(path) != self._signature:
+            return None
+        cls = type(P._base(self.pipe.transformer))
+        transformer = cls.from_pretrained(str(path), subfolder="transformer", torch_dtype=DTYPES[cfg.dtype])
+        transformer = transformer.to(self.device)
+        return self.add_lora(transformer, cfg.lora) if cfg.lora is not None else transformer
 
     def _adopt(self, pipe: Any, name: str, image_size: int) -> None:
         """Keep the first pipeline's frozen parts; refuse models whose frozen parts differ."""
@@ -213,6 +251,8 @@ class FlowAdapter:
         components = {k: v for k, v in self.pipe.components.items()}
         components["transformer"] = m
         type(self.pipe)(**components).save_pretrained(str(out_dir), safe_serialization=True)
+        if self._signature is None:  # later loads of this run's pipelines read only their transformer
+            self._signature = _frozen_signature(Path(out_dir))
 
     # ------------------------------------------------------------------ conditions and velocities
 
