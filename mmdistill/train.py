@@ -173,7 +173,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[student_cfg.dtype]
     student.float()
     teacher = ctx.load_teacher(st) if objective.needs_teacher else None
-    anchor = ctx.load_model(st.anchor).eval().requires_grad_(False) if st.anchor is not None else None
+    uses_anchor = st.anchor is not None and getattr(objective, "needs_anchor", False)  # e.g. Flow-OPD with mar_coef > 0
+    anchor = ctx.load_model(st.anchor).eval().requires_grad_(False) if uses_anchor else None
     reference = copy.deepcopy(student).eval().requires_grad_(False) if objective.needs_reference else None
 
     params = [p for p in student.parameters() if p.requires_grad]
