@@ -102,7 +102,7 @@ def build_tiny_sd3_pipeline(
     `seed` initialises the transformer; `text_seed` (default: seed) the text encoders and the VAE,
     so models of one run can share those frozen parts and differ in their transformers.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     down = 2 ** (vae_blocks - 1) if vae else 1
@@ -137,16 +137,23 @@ def build_tiny_sd3_pipeline(
     autoencoder = None
     if vae:
         torch.manual_seed(text_seed + 3)
-        autoencoder = AutoencoderKL(
-            sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
-            block_out_channels=(vae_channels,) * vae_blocks, layers_per_block=1, norm_num_groups=1,
-            down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
-        )
+        autoencoder = _tiny_vae(image_size, latent_channels, vae_channels, vae_blocks)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=autoencoder,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def _tiny_vae(image_size: int, latent_channels: int, channels: int, blocks: int) -> Any:
+    """A random-init AutoencoderKL: `blocks` blocks of `channels`, downsampling 2^(blocks-1), no scaling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=(channels,) * blocks, layers_per_block=1, norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
     )
 
 
@@ -174,7 +181,7 @@ def build_tiny_flux_pipeline(
     a dynamic-shifting FlowMatchEulerDiscreteScheduler), built offline.  The T5 side reuses the
     CLIP tokenizer (only ids matter for a random-init encoder).  `guidance_embeds`: Flux-dev style
     guidance distillation (the guidance scale is an input) instead of classifier-free guidance."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if attention_head_dim % 4:
@@ -197,12 +204,7 @@ def build_tiny_flux_pipeline(
         num_layers=text_layers, num_heads=text_heads, pad_token_id=1, eos_token_id=1, decoder_start_token_id=0,
     ))
     torch.manual_seed(text_seed + 3)
-    vae = AutoencoderKL(
-        sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
-        block_out_channels=(vae_channels,) * vae_blocks, layers_per_block=1, norm_num_groups=1,
-        down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
-    )
+    vae = _tiny_vae(image_size, latent_channels, vae_channels, vae_blocks)
     torch.manual_seed(seed + 2)
     rope = attention_head_dim // 4
     transformer = FluxTransformer2DModel(
