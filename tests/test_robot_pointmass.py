@@ -167,3 +167,25 @@ def test_episodes_in_worker_processes_equal_in_process_episodes():
     for field in ("actions", "mask_B_T", "behavior_logp_B_T", "rewards_B"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field))
     torch.testing.assert_close(a.steps["obs_B_T_O"], b.steps["obs_B_T_O"])
+
+
+def test_a_policy_for_another_action_size_is_refused_before_training(tmp_path, capsys):
+    import json
+
+    from mmdistill.cli import main
+
+    bad = tmp_path / "bad_teacher"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"kind": "gaussian_mlp", "obs_dim": 4, "action_dim": 7, "hidden": 8, "layers": 1}))
+    raw = yaml.safe_load((REPO / "configs" / "vla" / "pointmass_opd.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["models"]["teacher"] = {"path": str(bad)}
+    raw["stages"] = [{"name": "opd", "student": "student_init", "teacher": "teacher", "objective": {"type": "reverse_kl"}, "train": {"steps": 1}}]
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "action 7" in err and "must agree" in err and len(err.splitlines()) == 1
+    (bad / "config.json").write_text(json.dumps({"kind": "transformer"}))
+    assert main(["train", str(p), "--overwrite"]) == 2
+    assert "unknown policy kind" in capsys.readouterr().err

@@ -76,6 +76,16 @@ class RobotPolicyAdapter:
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> None:
         return None  # state-based policies have no tokenizer
 
+    @staticmethod
+    def check_checkpoint(path: str, name: str) -> None:
+        """Pre-flight: a policy directory written by a robot_policy stage (config.json naming a known kind)."""
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; give a directory written by a robot_policy stage")
+        kind = json.loads((p / "config.json").read_text()).get("kind")
+        if kind not in POLICIES:
+            raise CheckpointError(f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(POLICIES)}")
+
     def bind(self, task: Any) -> None:
         self.task = task
 
