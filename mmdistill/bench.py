@@ -42,13 +42,12 @@ def _timed(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device
 
 @torch.no_grad()
 def flow_sampling(device: str = "auto", quick: bool = False) -> dict[str, Any]:
-    from diffusers.utils import logging as df_logging
-
     from mmdistill.modalities.flow import pipelines as P
     from mmdistill.modalities.flow.sde import sample_sde
     from mmdistill.modalities.flow.shapes import VOCABULARY
+    from mmdistill.pipeline import quiet_library_logs
 
-    df_logging.set_verbosity_error()
+    quiet_library_logs()
     dev = _device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = dict(image_size=32, vae=True, latent_channels=4, vae_blocks=2, patch_size=2, num_layers=4,

@@ -86,11 +86,11 @@ def _load_for_eval(args: argparse.Namespace):
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
     if flow:
-        from diffusers.utils import logging as df_logging
         from transformers import CLIPTokenizer
 
-        df_logging.set_verbosity_error()
-        df_logging.disable_progress_bar()
+        from mmdistill.pipeline import quiet_library_logs
+
+        quiet_library_logs()
         adapter = ADAPTERS.get("diffusers_flow")(CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer"), device=device)
         return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task
     adapter = ADAPTERS.get("hf_causal_lm")(AutoTokenizer.from_pretrained(str(path)), device=device)

@@ -30,10 +30,11 @@ def make_accelerator(device: str) -> Any:
     return Accelerator(cpu=device == "cpu")
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+def quiet_library_logs() -> None:
+    """No progress bars or info logs from transformers / diffusers: our own bar is the one that matters."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own bar is the one that matters
+    hf_logging.disable_progress_bar()
     try:
         from diffusers.utils import logging as df_logging
 
@@ -41,6 +42,10 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
         df_logging.set_verbosity_error()
     except ImportError:  # the flow extra is optional
         pass
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    quiet_library_logs()
     run_dir = Path(run_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")

@@ -11,6 +11,7 @@ All methods return per-step tensors `[B, T]` with zeros where `mask_B_T` is 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -237,6 +238,7 @@ class Gaussian:
         return h.sum(-1) * self.mask_B_T
 
 
+@dataclass
 class VelocityStepDist:
     """A flow model's denoising step seen by objectives: its velocity `[B, T, D]` on the rollout's
     states and, for stochastic (SDE) rollouts, the step Gaussian `N(mu(x_t, v), std^2)` built from it.
@@ -248,21 +250,12 @@ class VelocityStepDist:
     logprob_reduce:  "sum" (true log-density) or "mean" over D (Flow-GRPO's code), for `log_prob`
     """
 
-    def __init__(
-        self,
-        velocity_B_T_D: Tensor,
-        gaussian: Gaussian | None,
-        kl_weight_B_T: Tensor | None,
-        dt_B_T: Tensor,
-        mask_B_T: Tensor,
-        logprob_reduce: str = "sum",
-    ):
-        self.velocity_B_T_D = velocity_B_T_D
-        self.gaussian = gaussian
-        self.kl_weight_B_T = kl_weight_B_T
-        self.dt_B_T = dt_B_T
-        self.mask_B_T = mask_B_T
-        self.logprob_reduce = logprob_reduce
+    velocity_B_T_D: Tensor
+    gaussian: Gaussian | None
+    kl_weight_B_T: Tensor | None
+    dt_B_T: Tensor
+    mask_B_T: Tensor
+    logprob_reduce: str = "sum"
 
     def log_prob(self, actions_B_T_D: Tensor) -> Tensor:
         """Log-probs `[B, T]` of the sampled next states on the rollout's convention."""

@@ -274,7 +274,7 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     train_seconds = time.time() - t0
     steps_done = step + 1 if tc.steps > start else start
 
-    final_model = acc.unwrap_model(student)
+    final_model = acc.unwrap_model(student).eval()
     if compute_dtype != torch.float32:
         final_model = final_model.to(compute_dtype)
     with atomic_dir(stage_dir / "final") as tmp:

@@ -300,7 +300,8 @@ class FlowAdapter:
                     continue
                 sub = {key: val[rows] for key, val in cond.items()}
                 v = P.velocity(model[name], x[rows], sigma_B[rows], sub, g, T)
-                out = torch.zeros_like(v.new_empty(x.shape)) if out is None else out
+                if out is None:
+                    out = v.new_zeros(x.shape)
                 out[rows] += a_B_K[rows, k].reshape(-1, *[1] * (x.dim() - 1)).to(v.dtype) * v
             return out
 
@@ -376,10 +377,8 @@ class FlowAdapter:
     @torch.no_grad()
     def evaluate(self, model: Any, task: Any, cfg: Any, seed: int = 0, out_dir: Path | None = None, tag: str = "eval") -> dict[str, Any]:
         """Euler ODE samples (`eval.num_steps`, `eval.guidance_scale`) for held-out prompts, the same
-        noise for every model; mean of every task reward; a sample grid `out_dir/tag.png`."""
-        was_training = getattr(model, "training", False)
-        if hasattr(model, "eval"):
-            model.eval()
+        noise for every model; mean of every task reward; a sample grid `out_dir/tag.png`.
+        The caller puts the model in eval mode (the training loop does, around in-loop evaluations)."""
         problems = task.problems(cfg.split, cfg.n, seed=seed)
         sums: dict[str, float] = {}
         grid: list[tuple[np.ndarray, str, dict[str, float]]] = []
@@ -393,8 +392,6 @@ class FlowAdapter:
                 sums[k] = sums.get(k, 0.0) + float(np.sum(v))
             for i in range(min(len(batch), cfg.grid - len(grid))):
                 grid.append((images[i].permute(1, 2, 0).cpu().numpy(), batch[i].prompt, {k: float(v[i]) for k, v in rewards.items()}))
-        if was_training:
-            model.train()
         n = len(problems)
         out: dict[str, Any] = {"n": n, **{f"{k}_reward": v / max(n, 1) for k, v in sums.items()}}
         if out_dir is not None and grid:

@@ -104,12 +104,9 @@ class RobotPolicyAdapter:
                 model = GaussianMLPPolicy(obs_dim, action_dim, t.hidden, t.layers, t.init_log_std)
             return model.to(self.device)
         path = Path(cfg.path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; give a directory written by a robot_policy stage")
+        self.check_checkpoint(str(path), name)
         conf = json.loads((path / "config.json").read_text())
-        kind = conf.pop("kind", None)
-        if kind not in POLICIES:
-            raise CheckpointError(f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(POLICIES)}")
+        kind = conf.pop("kind")
         model = POLICIES[kind](**conf)
         if (path / "model.safetensors").exists():
             from safetensors.torch import load_file
