@@ -114,6 +114,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     max_grad_norm: float | None = 1.0
+    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (PPO-style reuse; clipped objectives stay valid)
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     stop_at: dict[str, float] = field(default_factory=dict)  # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
@@ -522,7 +523,7 @@ def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> Non
 def _check_positive(st: StageConfig, where: str) -> None:
     for section, key, low in (
         ("train", "steps", 0), ("train", "batch_size", 1), ("train", "micro_batch_size", 1), ("train", "log_every", 1),
-        ("train", "chunk_size", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
+        ("train", "chunk_size", 1), ("train", "updates_per_rollout", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
         ("rollout", "group_size", 1), ("rollout", "max_new_tokens", 1), ("rollout", "temperature", 0.0),
         ("eval", "n", 1), ("eval", "batch_size", 1), ("eval", "k", 1), ("eval", "max_new_tokens", 1), ("eval", "temperature", 0.0),
         ("rollout", "num_steps", 1), ("rollout", "noise_level", 0.0), ("eval", "num_steps", 1), ("eval", "grid", 0),

@@ -110,8 +110,10 @@ def build_report(stage_results: dict[str, Any], seconds: float) -> dict[str, Any
     report: dict[str, Any] = {}
     for name, res in stage_results.items():
         if res.get("kind") == "eval":
-            for key, r in res["results"].items():  # text: the accuracy; flow: {color_reward: .., position_reward: ..}
-                report[key] = r["accuracy"] if "accuracy" in r else headline(r)
+            for key, r in res["results"].items():
+                # text: the accuracy; flow: {color_reward: .., position_reward: ..}; robots also
+                # {success_by_task: {...}, video: path}
+                report[key] = r["accuracy"] if "accuracy" in r else headline(r) | _details(r)
         elif "accuracy" in res["eval"]:
             report[f"{name}_final_accuracy"] = res["eval"]["accuracy"]
         else:
@@ -127,9 +129,17 @@ def build_report(stage_results: dict[str, Any], seconds: float) -> dict[str, Any
     return report
 
 
+def _details(r: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's per-group results (dicts of numbers) and its video or image path."""
+    return {k: v for k, v in r.items() if (isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())) or k == "video"}
+
+
 def print_table(report: dict[str, Any]) -> None:
+    from mmdistill.train import headline
+
     rows = [(k, v) for k, v in report.items() if isinstance(v, float) and k != "seconds"]
-    nested = [(k, v) for k, v in report.items() if isinstance(v, dict) and k != "stages" and v and all(isinstance(x, float) for x in v.values())]
+    nested = [(k, headline(v)) for k, v in report.items() if isinstance(v, dict) and k != "stages"]
+    nested = [(k, v) for k, v in nested if v]
     if rows:
         w = max(len(k) for k, _ in rows)
         print("-" * (w + 12))

@@ -219,28 +219,32 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         # 2-4. score, objective, backward (micro-batches, normalised by the global step count)
         sums: dict[str, float] = {}
         loss_total = 0.0
-        for i in range(0, rollout.batch_size, micro):
-            mb = rollout.select(slice(i, i + micro))
-            with autocast:
-                student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
-                teacher_dist = ref_dist = anchor_dist = None
-                with torch.no_grad():
-                    if teacher is not None and objective.scores_with_teacher:
-                        teacher_dist = adapter.step_dist(teacher, mb, temperature=score_temperature)
-                    if reference is not None:
-                        ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
-                    if anchor is not None:
-                        anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
-                loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist))
-            acc.backward(loss)
-            loss_total += float(loss.detach())
-            w = mb.batch_size / rollout.batch_size
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + w * float(v)
-        grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
-        optimizer.step()
+        for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
+            for i in range(0, rollout.batch_size, micro):
+                mb = rollout.select(slice(i, i + micro))
+                with autocast:
+                    student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
+                    teacher_dist = ref_dist = anchor_dist = None
+                    with torch.no_grad():
+                        if teacher is not None and objective.scores_with_teacher:
+                            teacher_dist = adapter.step_dist(teacher, mb, temperature=score_temperature)
+                        if reference is not None:
+                            ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
+                        if anchor is not None:
+                            anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
+                    loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist))
+                acc.backward(loss)
+                if update == 0:
+                    loss_total += float(loss.detach())
+                    w = mb.batch_size / rollout.batch_size
+                    if hasattr(adapter, "dist_metrics"):  # e.g. the student's entropy on its own states
+                        metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + w * float(v)
+            grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         # 5. metrics, eval, checkpoint
         record: dict[str, Any] = {"step": step + 1, "loss": loss_total, **sums, "lr": scheduler.get_last_lr()[0]}
@@ -295,15 +299,25 @@ def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
         print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
     steps = st.train.steps if steps_done is None else steps_done
-    return {"kind": "train", "objective": st.objective["type"], "steps": steps, "train_seconds": round(train_seconds, 1), "eval": ev}
+    return {"kind": "train", "objective": st.objective["type"], "steps": steps, "train_seconds": round(train_seconds, 1), "eval": ev,
+            "eval_setup": _eval_setup(st)}
+
+
+def _eval_setup(st: StageConfig) -> dict[str, Any]:
+    """What an evaluation's result depends on besides the model (equal setups give equal results)."""
+    return {"eval": dataclasses.asdict(st.eval), "task": st.task}
 
 
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
-        model = ctx.load_model(ref).eval()
-        ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=ctx.run_dir / st.name, tag=key)
+        done = ctx.stage_results.get(ref, {})
+        if done.get("kind") == "train" and done.get("eval_setup") == _eval_setup(st):
+            ev = done["eval"]  # that stage's final evaluation, with the same settings and task
+        else:
+            model = ctx.load_model(ref).eval()
+            ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=ctx.run_dir / st.name, tag=key)
         out["results"][key] = {"model": ref, **ev}
         if not ctx.quiet:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in headline(ev).items())
