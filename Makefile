@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,flow]'
+	# /usr/bin first: hf-libero's egl-probe build needs the system cmake, not the pip one
+	PATH=/usr/bin:$$PATH $(BIN)/pip install -q -e '.[dev,flow,robot]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -77,7 +77,10 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
     assert report["teacher"]["success_rate"] >= 0.9
     assert report["rkl_opd"]["success_rate"] >= report["warmup"]["success_rate"] + 0.3
     assert (tmp_path / "run" / "rkl_opd" / "final" / "model.safetensors").exists()
-    assert (tmp_path / "run" / "evaluate" / "rkl_opd.gif").stat().st_size > 1000  # episode video
+    assert (tmp_path / "run" / "evaluate" / "teacher.gif").stat().st_size > 1000  # episode video
+    # the stage's own final evaluation is reused (same settings, same task), video included
+    assert Path(report["rkl_opd"]["video"]) == tmp_path / "run" / "rkl_opd" / "samples" / "final.gif"
+    assert Path(report["rkl_opd"]["video"]).stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------- the environment pool
@@ -166,7 +169,7 @@ def test_episodes_in_worker_processes_equal_in_process_episodes():
     a, b = rollouts
     for field in ("actions", "mask_B_T", "behavior_logp_B_T", "rewards_B"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field))
-    torch.testing.assert_close(a.steps["obs_B_T_O"], b.steps["obs_B_T_O"])
+    torch.testing.assert_close(a.steps["obs"]["observation.state"], b.steps["obs"]["observation.state"])
 
 
 def test_a_policy_for_another_action_size_is_refused_before_training(tmp_path, capsys):

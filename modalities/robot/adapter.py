@@ -12,6 +12,7 @@ initial state and reports the success rate and the policy's entropy.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,36 +23,60 @@ from torch import Tensor
 
 from mmdistill.config import LoraConfig, ModelConfig, TokenizerConfig
 from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
-from mmdistill.modalities.robot.policies import GaussianMLPPolicy, ScriptedReachExpert
+from mmdistill.modalities.robot.policies import (
+    GaussianMLPPolicy,
+    ScriptedPickPlaceExpert,
+    ScriptedReachExpert,
+    VisionGaussianPolicy,
+)
 from mmdistill.registry import ADAPTERS
 from mmdistill.rollout import Rollout
 from mmdistill.stepdist import Gaussian
 
-POLICIES = {"gaussian_mlp": GaussianMLPPolicy, "scripted_reach": ScriptedReachExpert}
+POLICIES = {"gaussian_mlp": GaussianMLPPolicy, "scripted_reach": ScriptedReachExpert,
+            "vision_gaussian": VisionGaussianPolicy, "scripted_pick_place": ScriptedPickPlaceExpert}
 
 
 @dataclass
 class TinyPolicyConfig:
-    """A policy built from this section: a Gaussian MLP student or the scripted expert."""
+    """A policy built from this section: a Gaussian MLP or small vision student, or a scripted
+    expert (`scripted_reach` for the point mass, `scripted_pick_place` for LIBERO)."""
 
-    kind: Literal["gaussian_mlp", "scripted_reach"] = "gaussian_mlp"
+    kind: Literal["gaussian_mlp", "vision_gaussian", "scripted_reach", "scripted_pick_place", "lerobot_act"] = "gaussian_mlp"
     hidden: int = 64
     layers: int = 2
+    channels: int = 32  # vision_gaussian; lerobot_act: its transformer width (dim_model)
     init_log_std: float = -0.5
-    gain: float = 10.0  # scripted expert
-    std: float = 0.1  # scripted expert
+    chunk_size: int = 1  # actions per decision (rendering happens only at decisions)
+    gain: float = 10.0  # scripted experts
+    std: float = 0.1  # scripted experts
     seed: int = 0
+
+
+def _policy_stats(task: Any) -> dict[str, dict[str, Any]]:
+    """Normalisation statistics for LeRobot policies built here: the task's own when it has them,
+    else actions in [-1, 1] and unit-scale states."""
+    if hasattr(task, "policy_stats"):
+        return task.policy_stats()
+    return {"observation.state": {"mean": np.zeros(task.obs_dim), "std": np.ones(task.obs_dim)},
+            "action": {"min": -np.ones(task.action_dim), "max": np.ones(task.action_dim)}}
+
+
+def _stack_obs(obs: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, Tensor]:
+    return {k: torch.as_tensor(np.stack([o[k] for o in obs]), device=device) for k in obs[0]}
 
 
 def _concat(parts: list[Rollout]) -> Rollout:
     """Rollouts of the same horizon, stacked along the batch."""
     if len(parts) == 1:
         return parts[0]
+    obs = {k: (sum((p.steps["obs"][k] for p in parts), []) if isinstance(parts[0].steps["obs"][k], list)
+               else torch.cat([p.steps["obs"][k] for p in parts])) for k in parts[0].steps["obs"]}
     return Rollout(
-        context=[c for p in parts for c in p.context],
-        steps={"obs_B_T_O": torch.cat([p.steps["obs_B_T_O"] for p in parts])},
+        context=[c for p in parts for c in p.context], steps={"obs": obs},
         actions=torch.cat([p.actions for p in parts]), mask_B_T=torch.cat([p.mask_B_T for p in parts]),
         behavior_logp_B_T=torch.cat([p.behavior_logp_B_T for p in parts]), rewards_B=torch.cat([p.rewards_B for p in parts]),
+        extras={"decisions_B": torch.cat([p.extras["decisions_B"] for p in parts])},
     )
 
 
@@ -71,6 +96,7 @@ class RobotPolicyAdapter:
         self.chunk_size = chunk_size
         self.task: Any = None  # set by `bind`: the environment factory and action dimension
         self._pool: Any = None  # worker processes, when the task asks for them
+        self._chunk: tuple[int, str] | None = None  # (chunk_size, model name) of the first policy loaded
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> None:
@@ -82,7 +108,14 @@ class RobotPolicyAdapter:
         p = Path(path)
         if not (p / "config.json").is_file():
             raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; give a directory written by a robot_policy stage")
-        kind = json.loads((p / "config.json").read_text()).get("kind")
+        conf = json.loads((p / "config.json").read_text())
+        if "type" in conf and "kind" not in conf:
+            if conf["type"] not in ("act", "diffusion", "smolvla"):
+                raise CheckpointError(f"models.{name}.path: LeRobot policy type {conf['type']!r} in {path} is not supported; use act, diffusion or smolvla")
+            if not (p / "model.safetensors").is_file():
+                raise CheckpointError(f"models.{name}.path: {path}/model.safetensors is missing; the LeRobot checkpoint is incomplete, save it again")
+            return
+        kind = conf.get("kind")
         if kind not in POLICIES:
             raise CheckpointError(f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(POLICIES)}")
 
@@ -100,30 +133,66 @@ class RobotPolicyAdapter:
             torch.manual_seed(t.seed)
             if t.kind == "scripted_reach":
                 model = ScriptedReachExpert(t.gain, t.std)
+            elif t.kind == "scripted_pick_place":
+                model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size)
+            elif t.kind == "lerobot_act":  # a random-init LeRobot ACT as a Gaussian head
+                from mmdistill.modalities.robot.lerobot_policies import ACTGaussianPolicy, tiny_act
+
+                size = int(getattr(self.task, "image_size", 0) or 0)
+                act = tiny_act(obs_dim, action_dim, t.chunk_size, _policy_stats(self.task), image_shape=(3, size, size) if size else None,
+                               dim_model=t.channels, seed=t.seed, device=str(self.device))
+                model = ACTGaussianPolicy(act, t.chunk_size, t.init_log_std)
+            elif t.kind == "vision_gaussian":
+                model = VisionGaussianPolicy(obs_dim, action_dim, t.chunk_size, t.channels, t.hidden, t.init_log_std)
             else:
-                model = GaussianMLPPolicy(obs_dim, action_dim, t.hidden, t.layers, t.init_log_std)
-            return model.to(self.device)
+                model = GaussianMLPPolicy(obs_dim, action_dim, t.hidden, t.layers, t.init_log_std, t.chunk_size)
+            return self._check_compatible(model.to(self.device), name)
         path = Path(cfg.path)
         self.check_checkpoint(str(path), name)
         conf = json.loads((path / "config.json").read_text())
+        if "type" in conf and "kind" not in conf:  # a LeRobot checkpoint (ACT, Diffusion, SmolVLA)
+            from mmdistill.modalities.robot.lerobot_policies import load_lerobot_policy
+
+            chunk = self._chunk[0] if self._chunk else int(conf.get("n_action_steps", 1))
+            model = load_lerobot_policy(path, expect_action_dim=action_dim, expect_chunk=chunk, device=str(self.device))
+            return self._check_compatible(model, name)
         kind = conf.pop("kind")
         model = POLICIES[kind](**conf)
         if (path / "model.safetensors").exists():
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(str(path / "model.safetensors")))
-        if getattr(model, "config", {}).get("action_dim", action_dim) != action_dim or getattr(model, "config", {}).get("obs_dim", obs_dim) != obs_dim:
+        c = getattr(model, "config", {})
+        got_obs = c.get("obs_dim", c.get("state_dim", obs_dim))
+        if c.get("action_dim", action_dim) != action_dim or got_obs != obs_dim:
             raise CompatibilityError(
-                f"models.{name}: policy for obs {model.config.get('obs_dim')} / action {model.config.get('action_dim')} dims, "
+                f"models.{name}: policy for obs {got_obs} / action {c.get('action_dim')} dims, "
                 f"the environment has {obs_dim} / {action_dim}; teacher, student and environment must agree"
             )
-        return model.to(self.device)
+        return self._check_compatible(model.to(self.device), name)
+
+    def _check_compatible(self, model: Any, name: str) -> Any:
+        """Every policy of a run acts in chunks of the same length (the KL is over whole chunks)."""
+        k = int(getattr(model, "chunk_size", 1))
+        if self._chunk is None:
+            self._chunk = (k, name)
+        elif k != self._chunk[0]:
+            raise CompatibilityError(
+                f"models.{name}: chunk_size {k}, but models.{self._chunk[1]} acts in chunks of {self._chunk[0]}; "
+                "teacher and student must decide equally long action chunks (set tiny.chunk_size alike)"
+            )
+        return model
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         from safetensors.torch import save_file
 
         m = unwrap(model)
         out_dir = Path(out_dir)
+        if hasattr(m, "lerobot"):  # LeRobot's own format, loadable by its from_pretrained
+            from mmdistill.modalities.robot.lerobot_policies import save_lerobot_policy
+
+            save_lerobot_policy(m, out_dir)
+            return
         (out_dir / "config.json").write_text(json.dumps(m.config, indent=1))
         state = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
         if state:
@@ -131,18 +200,23 @@ class RobotPolicyAdapter:
 
     # ------------------------------------------------------------------ rollouts
 
+    def horizon(self, model: Any) -> int:
+        """Decisions per episode: the task's environment steps over the policy's chunk length."""
+        return math.ceil(self.task.max_steps / int(getattr(unwrap(model), "chunk_size", 1)))
+
     @torch.no_grad()
-    def run_episodes(self, model: Any, init_states: list[int], gen: torch.Generator | None, sample: bool = True) -> Rollout:
+    def run_episodes(self, model: Any, init_states: list[Any], gen: torch.Generator | None, sample: bool = True) -> Rollout:
         """One episode per initial state, batched over episodes.  With `task.num_workers > 0` the
         environments run in worker processes (`vec.EnvPool`), in chunks of that many episodes; a
         chunk whose worker crashed is rerun from its initial states with the same policy noise."""
         workers = int(getattr(self.task, "num_workers", 0) or 0)
         # the policy noise of every episode is drawn up front, so chunking and reruns change nothing
-        eps_B_T_A = None
+        eps_B_T_D = None
         if sample:
-            eps_B_T_A = torch.randn(len(init_states), self.task.max_steps, self.task.action_dim, generator=gen, device=self.device)
+            D = self.task.action_dim * int(getattr(unwrap(model), "chunk_size", 1))
+            eps_B_T_D = torch.randn(len(init_states), self.horizon(model), D, generator=gen, device=self.device)
         if workers <= 0:
-            return self._episodes(model, init_states, eps_B_T_A, None)
+            return self._episodes(model, init_states, eps_B_T_D, None)
         from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 
         if self._pool is None or len(self._pool.workers) != workers:
@@ -150,7 +224,7 @@ class RobotPolicyAdapter:
         parts = []
         for i in range(0, len(init_states), workers):
             chunk = init_states[i : i + workers]
-            eps = eps_B_T_A[i : i + workers] if eps_B_T_A is not None else None
+            eps = eps_B_T_D[i : i + workers] if eps_B_T_D is not None else None
             for attempt in range(3):
                 try:
                     parts.append(self._episodes(model, chunk, eps, self._pool))
@@ -161,34 +235,39 @@ class RobotPolicyAdapter:
                     print(f"[robot] {e}")
         return _concat(parts)
 
-    def _episodes(self, model: Any, init_states: list[int], eps_B_T_A: Tensor | None, pool: Any) -> Rollout:
-        """Episodes from `init_states`; actions `mean + std * eps` (the mode when eps is None)."""
+    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any) -> Rollout:
+        """Episodes from `init_states`; each decision samples a chunk `mean + std * eps` (the mode
+        when eps is None) that the environment executes before the next observation."""
         if pool is None:
             envs = [self.task.make_env() for _ in init_states]
-            obs = np.stack([e.reset(i) for e, i in zip(envs, init_states)])
+            first = [e.reset(i) for e, i in zip(envs, init_states)]
         else:
-            obs = pool.reset(init_states)
-        T = self.task.max_steps
-        B, O, A = len(init_states), obs.shape[1], self.task.action_dim
-        obs_B_T_O = torch.zeros(B, T, O, device=self.device)
-        act_B_T_A = torch.zeros(B, T, A, device=self.device)
+            first = list(pool.reset(init_states))
+        obs = [o if isinstance(o, dict) else {"observation.state": np.asarray(o)} for o in first]
+        policy = unwrap(model)
+        T, B = self.horizon(policy), len(init_states)
+        D = self.task.action_dim * int(getattr(policy, "chunk_size", 1))
+        obs_B_T: dict[str, Tensor] = {k: torch.zeros(B, T, *v.shape, dtype=torch.as_tensor(v).dtype, device=self.device) for k, v in obs[0].items()}
+        act_B_T_D = torch.zeros(B, T, D, device=self.device)
         mask_B_T = torch.zeros(B, T, device=self.device)
         logp_B_T = torch.zeros(B, T, device=self.device)
         alive = np.ones(B, bool)
         success = np.zeros(B, np.float32)
-        policy = unwrap(model)
+        decisions = np.zeros(B, np.int64)
+        language = [self.task.language(p) for p in init_states] if hasattr(self.task, "language") else None
         for t in range(T):
             if not alive.any():
                 break
-            o = torch.as_tensor(obs, device=self.device).view(B, 1, O)
+            o = {k: v.unsqueeze(1) for k, v in _stack_obs(obs, self.device).items()}
+            if language is not None:
+                o["task"] = language
             d = policy.dist(o, torch.ones(B, 1, device=self.device))
-            if eps_B_T_A is not None:
-                a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_A[:, t : t + 1]
-            else:
-                a = d.mode()
+            a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_D[:, t : t + 1] if eps_B_T_D is not None else d.mode()
             lp = d.log_prob(a)
             keep = torch.as_tensor(alive, device=self.device, dtype=torch.float32)
-            obs_B_T_O[:, t], act_B_T_A[:, t], mask_B_T[:, t], logp_B_T[:, t] = o[:, 0], a[:, 0], keep, lp[:, 0] * keep
+            for k in obs_B_T:
+                obs_B_T[k][:, t] = o[k][:, 0]
+            act_B_T_D[:, t], mask_B_T[:, t], logp_B_T[:, t] = a[:, 0], keep, lp[:, 0] * keep
             a_np = a[:, 0].cpu().numpy()
             live = [int(b) for b in np.flatnonzero(alive)]
             if pool is None:
@@ -197,13 +276,18 @@ class RobotPolicyAdapter:
             else:
                 results = pool.step(a_np, active=live)
             for b, (ob, _, done, ok) in results.items():
-                obs[b] = ob
+                obs[b] = ob if isinstance(ob, dict) else {"observation.state": np.asarray(ob)}
+                decisions[b] += 1
                 if ok:
                     success[b] = 1.0
                 alive[b] = not done
+        steps: dict[str, Any] = {"obs": dict(obs_B_T)}
+        if language is not None:
+            steps["obs"]["task"] = language
         return Rollout(
-            context=list(init_states), steps={"obs_B_T_O": obs_B_T_O}, actions=act_B_T_A, mask_B_T=mask_B_T,
+            context=list(init_states), steps=steps, actions=act_B_T_D, mask_B_T=mask_B_T,
             behavior_logp_B_T=logp_B_T, rewards_B=torch.as_tensor(success, device=self.device),
+            extras={"decisions_B": torch.as_tensor(decisions, device=self.device)},
         )
 
     def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:
@@ -213,22 +297,65 @@ class RobotPolicyAdapter:
         return self.run_episodes(student if source == "student" else teacher, list(problems), gen, sample=True)
 
     def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Gaussian:
-        return unwrap(model).dist(rollout.steps["obs_B_T_O"], rollout.mask_B_T)
+        return unwrap(model).dist(rollout.steps["obs"], rollout.mask_B_T)
+
+    @torch.no_grad()
+    def dist_metrics(self, dist: Any, rollout: Rollout) -> dict[str, float]:
+        """The policy's mean entropy per decision at the rollout's states (the entropy curves)."""
+        if not hasattr(dist, "entropy"):
+            return {}
+        n = rollout.mask_B_T.sum().clamp(min=1)
+        return {"entropy": float((dist.entropy() * rollout.mask_B_T).sum() / n)}
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self, model: Any, task: Any, cfg: Any, seed: int = 0, out_dir: Path | None = None, tag: str = "eval") -> dict[str, Any]:
-        """Success rate of the mean action from every evaluation initial state, and the entropy of the
-        policy's Gaussian at the visited states."""
+        """Success rate of the mean action from every evaluation initial state (overall and per
+        task), the entropy of the policy's Gaussian per decision at the visited states, and a
+        video of the first `eval.grid` episodes."""
         states = task.problems(cfg.split, cfg.n, seed=seed)
         r = self.run_episodes(model, states, None, sample=False)
         d = self.step_dist(model, r)
         n_steps = r.mask_B_T.sum().clamp(min=1)
-        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "entropy": float(d.entropy().sum() / n_steps)}
+        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "entropy": float(d.entropy().sum() / n_steps),
+                               "decisions": float(r.extras["decisions_B"].float().mean())}
+        if hasattr(task, "group_of"):
+            groups: dict[str, list[float]] = {}
+            for p, ok in zip(states, r.rewards_B.tolist()):
+                groups.setdefault(task.group_of(p), []).append(ok)
+            if len(groups) > 1 or getattr(task, "always_group", False):
+                out["success_by_task"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
         if out_dir is not None and cfg.grid > 0 and hasattr(task, "render_episodes"):
             path = Path(out_dir) / f"{tag}.gif"
-            task.render_episodes(r.steps["obs_B_T_O"][: cfg.grid].cpu().numpy(), r.mask_B_T[: cfg.grid].cpu().numpy(),
-                                 r.rewards_B[: cfg.grid].cpu().numpy(), path)
+            task.render_episodes(r.select(slice(0, cfg.grid)), path)
             out["video"] = str(path)
         return out
+
+    # ------------------------------------------------------------------ datasets
+
+    def record(self, model: Any, task: Any, problems: list, root: Path, repo_id: str, sample: bool = True, seed: int = 0) -> dict[str, Any]:
+        """Run one episode per problem and write them as a LeRobot dataset (modalities/robot/record.py).
+
+        One frame per decision: the observation the policy saw and the action chunk it executed
+        (`action` is `[K * A]`; with chunk_size 1 this is LeRobot's usual per-step format).
+        """
+        from mmdistill.modalities.robot.record import record_lerobot_dataset
+
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        r = self.run_episodes(model, problems, gen, sample=sample)
+        obs = r.steps["obs"]
+        language = obs.get("task") or [str(p) for p in problems]
+        episodes = []
+        for b in range(r.batch_size):
+            n = int(r.mask_B_T[b].sum())
+            ep: dict[str, Any] = {"state": obs["observation.state"][b, :n], "action": r.actions[b, :n], "task": language[b]}
+            if "observation.images.image" in obs:
+                ep["image"] = obs["observation.images.image"][b, :n]
+            if "observation.environment_state" in obs:
+                ep["env_state"] = obs["observation.environment_state"][b, :n]
+            episodes.append(ep)
+        chunk = int(getattr(unwrap(model), "chunk_size", 1))
+        fps = max(1, round(getattr(task, "control_freq", 20) / chunk))
+        record_lerobot_dataset(root, repo_id, fps, episodes, robot_type=getattr(task, "robot_type", None))
+        return {"episodes": len(episodes), "frames": int(r.mask_B_T.sum()), "success_rate": float(r.rewards_B.mean()), "fps": fps, "root": str(root)}

@@ -17,22 +17,74 @@ from torch import Tensor, nn
 from mmdistill.stepdist import Gaussian
 
 
+def state_of(obs: Tensor | dict) -> Tensor:
+    """The proprioceptive state `[B, T, S]` of an observation dict (or a bare state tensor)."""
+    return obs["observation.state"] if isinstance(obs, dict) else obs
+
+
 class GaussianMLPPolicy(nn.Module):
+    """An MLP on the state; `chunk_size` actions per decision."""
+
     kind = "gaussian_mlp"
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 64, layers: int = 2, init_log_std: float = -0.5):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 64, layers: int = 2, init_log_std: float = -0.5, chunk_size: int = 1):
         super().__init__()
+        self.action_dim, self.chunk_size = action_dim, chunk_size
         dims = [obs_dim] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             body += [nn.Linear(a, b), nn.Tanh()]
         self.body = nn.Sequential(*body)
-        self.mean = nn.Linear(dims[-1], action_dim)
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
-        self.config = {"kind": self.kind, "obs_dim": obs_dim, "action_dim": action_dim, "hidden": hidden, "layers": layers, "init_log_std": init_log_std}
+        self.mean = nn.Linear(dims[-1], action_dim * chunk_size)
+        self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        self.config = {"kind": self.kind, "obs_dim": obs_dim, "action_dim": action_dim, "hidden": hidden, "layers": layers,
+                       "init_log_std": init_log_std, "chunk_size": chunk_size}
 
-    def dist(self, obs_B_T_O: Tensor, mask_B_T: Tensor) -> Gaussian:
-        mean = self.mean(self.body(obs_B_T_O))
+    def dist(self, obs: Tensor | dict, mask_B_T: Tensor) -> Gaussian:
+        mean = self.mean(self.body(state_of(obs)))
+        std = self.log_std.clamp(-5, 2).exp().expand_as(mean)
+        return Gaussian(mean, std, mask_B_T)
+
+
+class SpatialSoftmax(nn.Module):
+    """Expected image coordinates of each feature map `[N, C, H, W] -> [N, 2C]` (robomimic's keypoints)."""
+
+    def forward(self, x_N_C_H_W: Tensor) -> Tensor:
+        N, C, H, W = x_N_C_H_W.shape
+        attn = x_N_C_H_W.flatten(2).softmax(-1).view(N, C, H, W)
+        ys = torch.linspace(-1, 1, H, device=x_N_C_H_W.device, dtype=attn.dtype)
+        xs = torch.linspace(-1, 1, W, device=x_N_C_H_W.device, dtype=attn.dtype)
+        return torch.cat([(attn.sum(2) * xs).sum(-1), (attn.sum(3) * ys).sum(-1)], -1)
+
+
+class VisionGaussianPolicy(nn.Module):
+    """A small vision student: a 3-layer CNN with spatial-softmax keypoints on the camera image,
+    concatenated with the proprioceptive state, an MLP to the mean of a chunk of `chunk_size`
+    actions, and a state-independent log-std.  Never reads `observation.environment_state`."""
+
+    kind = "vision_gaussian"
+
+    def __init__(self, state_dim: int, action_dim: int, chunk_size: int = 1, channels: int = 32, hidden: int = 128,
+                 init_log_std: float = -1.0, image_key: str = "observation.images.image"):
+        super().__init__()
+        self.action_dim, self.chunk_size, self.image_key = action_dim, chunk_size, image_key
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, channels // 2, 5, stride=2), nn.ReLU(),
+            nn.Conv2d(channels // 2, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3), SpatialSoftmax(),
+        )
+        self.mlp = nn.Sequential(nn.Linear(2 * channels + state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, action_dim * chunk_size))
+        self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        self.config = {"kind": self.kind, "state_dim": state_dim, "action_dim": action_dim, "chunk_size": chunk_size,
+                       "channels": channels, "hidden": hidden, "init_log_std": init_log_std, "image_key": image_key}
+
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+        img = obs[self.image_key]
+        B, T = img.shape[:2]
+        x = img.reshape(B * T, *img.shape[2:]).float() / 255.0 - 0.5
+        feats = self.conv(x).view(B, T, -1)
+        mean = self.mlp(torch.cat([feats, obs["observation.state"].float()], -1))
         std = self.log_std.clamp(-5, 2).exp().expand_as(mean)
         return Gaussian(mean, std, mask_B_T)
 
@@ -42,6 +94,8 @@ class ScriptedReachExpert(nn.Module):
     `N(clip(gain * (goal - pos), -1, 1), std^2)` per action dimension."""
 
     kind = "scripted_reach"
+    chunk_size = 1
+    action_dim = 2
 
     def __init__(self, gain: float = 10.0, std: float = 0.1):
         super().__init__()
@@ -50,7 +104,8 @@ class ScriptedReachExpert(nn.Module):
         self.gain, self.std = gain, std
         self.config = {"kind": self.kind, "gain": gain, "std": std}
 
-    def dist(self, obs_B_T_O: Tensor, mask_B_T: Tensor) -> Gaussian:
+    def dist(self, obs: Tensor | dict, mask_B_T: Tensor) -> Gaussian:
+        obs_B_T_O = state_of(obs)
         pos, goal = obs_B_T_O[..., :2], obs_B_T_O[..., 2:4]
         mean = (self.gain * (goal - pos)).clamp(-1, 1)
         return Gaussian(mean, torch.full_like(mean, self.std), mask_B_T)
@@ -59,3 +114,81 @@ class ScriptedReachExpert(nn.Module):
 def gaussian_log_prob(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
     """Brute-force reference: sum over dims of log N(x; mean, std^2)."""
     return (-((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class ScriptedPickPlaceExpert(nn.Module):
+    """A privileged scripted expert for LIBERO pick-and-place: reads the end effector, gripper,
+    object and place-target positions from `observation.environment_state` (layout
+    `libero.PRIVILEGED`) and returns a Gaussian around a proportional controller with phases
+    decided from the state alone (no memory, so it can score any state a student visits):
+
+    release (object in the target: open, rise) | carry (object held: lift, move over the target,
+    lower, open) | reach (move above the object, descend, close).
+
+    Actions are 7-D delta end-effector commands in [-1, 1] (position, rotation = 0, gripper
+    -1 open / +1 close); a chunk of `chunk_size` steps repeats the decision-point action.
+    """
+
+    kind = "scripted_pick_place"
+
+    def __init__(self, gain: float = 10.0, std: float = 0.1, chunk_size: int = 1, grasp_dz: float = 0.02, near: float = 0.03,
+                 open_width: float = 0.08, target_radius: float = 0.07, target_height: float = 0.08, still: float = 0.05,
+                 carry: float = 0.20, xy_tol: float = 0.01, drop: float = 0.10, approach: float = 0.10):
+        super().__init__()
+        if std <= 0 or chunk_size < 1:
+            raise ValueError(f"the scripted expert needs std > 0 and chunk_size >= 1; got {std}, {chunk_size}")
+        self.p = dict(gain=gain, grasp_dz=grasp_dz, near=near, open_width=open_width, target_radius=target_radius,
+                      target_height=target_height, still=still, carry=carry, xy_tol=xy_tol, drop=drop, approach=approach)
+        self.std, self.chunk_size, self.action_dim = std, chunk_size, 7
+        self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p}
+
+    def action(self, priv_N_P: Tensor) -> Tensor:
+        """The controller's action `[N, 7]` from privileged states `[N, 13]`."""
+        p = self.p
+        eef, gq, gv, obj, tgt = priv_N_P[:, 0:3], priv_N_P[:, 3:5], priv_N_P[:, 5:7], priv_N_P[:, 7:10], priv_N_P[:, 10:13]
+        up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
+
+        def move(target: Tensor) -> Tensor:
+            return (p["gain"] * (target - eef)).clamp(-1, 1)
+
+        def col(c: Tensor) -> Tensor:
+            return c.unsqueeze(-1)
+
+        width = gq[:, 0] - gq[:, 1]
+        grasp = obj + p["grasp_dz"] * up
+        near = (eef - grasp).norm(dim=-1) < p["near"]
+        closed = width < p["open_width"] - 0.004
+        in_target = ((obj[:, :2] - tgt[:, :2]).norm(dim=-1) < p["target_radius"]) & (obj[:, 2] < tgt[:, 2] + p["target_height"])
+        held = near & closed & (gv.abs().amax(-1) < p["still"])
+        release = in_target & ~(near & closed & (obj[:, 2] > tgt[:, 2] + 0.06))
+        # carrying: lift, move over the target at carry height, lower, open
+        to_tgt = torch.cat([tgt[:, :2] - obj[:, :2], torch.zeros_like(obj[:, :1])], -1)
+        off_z = (eef - obj)[:, 2]
+        carry_z = tgt[:, 2] + p["carry"]
+        d_tgt = to_tgt.norm(dim=-1)
+        lift_t = torch.cat([eef[:, :2], col(carry_z + off_z)], -1)
+        lift = move(lift_t)
+        lift_xy = move(eef + to_tgt)[:, :2]
+        lift = torch.where(col(d_tgt < 0.3), torch.cat([lift_xy, lift[:, 2:]], -1), lift)
+        over_t = eef + to_tgt
+        carry = move(torch.cat([over_t[:, :2], col(carry_z + off_z)], -1))
+        lower = move(torch.cat([over_t[:, :2], col(tgt[:, 2] + p["drop"] + off_z)], -1))
+        far = d_tgt > 2 * p["xy_tol"]
+        held_pos = torch.where(col(far), torch.where(col(obj[:, 2] < carry_z - 0.03), lift, carry), lower)
+        held_g = torch.where(far | (obj[:, 2] > tgt[:, 2] + p["drop"] + 0.02), 1.0, -1.0)
+        # reaching: reopen if closed on nothing, move above the object, descend, close
+        d_xy = (eef[:, :2] - grasp[:, :2]).norm(dim=-1)
+        above = torch.cat([grasp[:, :2], col(grasp[:, 2] + p["approach"])], -1)
+        reach_pos = torch.where(col(closed & ~near), move(eef + 0.05 * up),
+                                torch.where(col(d_xy > p["xy_tol"]), move(above), move(grasp)))
+        at_grasp = (d_xy <= p["xy_tol"]) & (eef[:, 2] <= grasp[:, 2] + 0.01) & ~(closed & ~near)
+        reach_g = torch.where(at_grasp, 1.0, -1.0)
+        pos = torch.where(col(release), move(eef + 0.1 * up), torch.where(col(held), held_pos, reach_pos))
+        g = torch.where(release, -1.0, torch.where(held, held_g, reach_g))
+        return torch.cat([pos, torch.zeros_like(pos), col(g)], -1)
+
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+        priv = obs["observation.environment_state"]
+        B, T, P = priv.shape
+        a = self.action(priv.reshape(B * T, P).float()).view(B, T, 1, 7).expand(B, T, self.chunk_size, 7).reshape(B, T, -1)
+        return Gaussian(a, torch.full_like(a, self.std), mask_B_T)

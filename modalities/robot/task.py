@@ -6,6 +6,7 @@ training and evaluation sets (a "problem" is an initial-state index).
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from mmdistill.modalities.robot.envs import PointMassEnv, point_mass_initial_states
 from mmdistill.registry import TASKS
@@ -39,9 +40,11 @@ class ReachTask:
     def sample_train(self, rng: random.Random) -> int:
         return rng.choice(self.initial_states.train_ids)
 
-    def render_episodes(self, obs_B_T_O, mask_B_T, success_B, path) -> None:
+    def render_episodes(self, rollout, path) -> None:
         """An animated GIF of up to 16 episodes side by side: the point (blue, green once it
         succeeded), its trail and the goal disc (red)."""
+        obs_B_T_O = rollout.steps["obs"]["observation.state"].cpu().numpy()
+        mask_B_T, success_B = rollout.mask_B_T.cpu().numpy(), rollout.rewards_B.cpu().numpy()
         import math
         from pathlib import Path
 
@@ -83,3 +86,116 @@ class ReachTask:
         pool = self.initial_states.eval_ids if split == "test" else self.initial_states.train_ids
         n = len(pool) if n is None else n
         return [pool[i % len(pool)] for i in range(n)]
+
+
+@TASKS.register("libero")
+class LiberoTask:
+    """LIBERO simulations (modalities/robot/libero.py): one suite, some or all of its tasks.
+
+    A problem is `(task_id, state)`; evaluation states are LIBERO's official initial states
+    (the first `num_eval` of 50 per task), training states are `num_train` layouts per task
+    sampled from the task's placement sampler (seeds from `train_seed`), never an evaluation one.
+
+        task: {type: libero, suite: libero_object, tasks: [0], num_eval: 20, num_train: 100, num_workers: 2}
+    """
+
+    obs_dim = 8  # observation.state
+    action_dim = 7
+    always_group = True
+    control_freq = 20  # Hz, robosuite's default in LIBERO
+    robot_type = "panda"
+
+    def __init__(self, suite: str = "libero_object", tasks: list[int] | str = "all", num_eval: int = 50, num_train: int = 100,
+                 train_seed: int = 10_000, image_size: int = 64, render: str = "decision", max_steps: int | None = None,
+                 settle_steps: int = 10, num_workers: int = 0):
+        from mmdistill.modalities.robot.libero import PROTOCOL, suite_tasks
+
+        all_tasks = suite_tasks(suite)
+        ids = list(range(len(all_tasks))) if tasks == "all" else [int(t) for t in tasks]
+        bad = [t for t in ids if not 0 <= t < len(all_tasks)]
+        if bad or not ids:
+            raise ValueError(f"task.tasks: {suite} has tasks 0..{len(all_tasks) - 1}; got {tasks}")
+        if not 0 < num_eval <= PROTOCOL["num_init_states"] or num_train < 1:
+            raise ValueError(f"task.num_eval must be in 1..50 (LIBERO's fixed initial states) and task.num_train >= 1; got {num_eval}, {num_train}")
+        if num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}")
+        self.suite, self.task_ids, self.num_workers = suite, ids, num_workers
+        self.image_size, self.render, self.settle_steps = image_size, render, settle_steps
+        self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
+        self.languages = {t: all_tasks[t].language for t in ids}
+        self.num_eval, self.num_train, self.train_seed = num_eval, num_train, train_seed
+        self._states: dict[int, tuple] | None = None
+
+    @property
+    def states(self) -> dict[int, tuple]:
+        """Per task `(eval_states [num_eval, S], train_states [num_train, S])`; the training layouts
+        are sampled (and cached on disk) on first use, so building the task is cheap."""
+        if self._states is None:
+            from mmdistill.modalities.robot.libero import official_init_states, sample_train_states
+
+            self._states = {}
+            for t in self.task_ids:
+                ev = official_init_states(self.suite, t)[: self.num_eval]
+                self._states[t] = (ev, sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev))
+        return self._states
+
+    def make_env(self) -> Any:
+        from mmdistill.modalities.robot.libero import LiberoEnv
+
+        return LiberoEnv(self.suite, self.states, self.image_size, self.render, self.max_steps, self.settle_steps)
+
+    def summary(self) -> str:
+        n_eval, n_train = self.num_eval, self.num_train
+        return (f"libero: {self.suite} tasks {self.task_ids}, {n_train} training / {n_eval} evaluation initial states per task, "
+                f"{self.max_steps} steps, render={self.render} at {self.image_size}px")
+
+    def language(self, problem: Any) -> str:
+        return self.languages[int(problem[0])]
+
+    def group_of(self, problem: Any) -> str:
+        return f"{self.suite}/{int(problem[0])}"
+
+    def sample_train(self, rng: random.Random) -> tuple[int, int]:
+        """A training problem: never one of the first `num_eval` (evaluation) state indices."""
+        return (rng.choice(self.task_ids), self.num_eval + rng.randrange(self.num_train))
+
+    def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
+        """Evaluation problems: each task's states 0..num_eval-1, interleaved over tasks; `split:
+        train` gives training problems in the same order."""
+        if split == "test":
+            pool = [(t, s) for s in range(self.num_eval) for t in self.task_ids]
+        else:
+            pool = [(t, self.num_eval + s) for s in range(self.num_train) for t in self.task_ids]
+        n = len(pool) if n is None else n
+        return [pool[i % len(pool)] for i in range(n)]
+
+    def render_episodes(self, rollout: Any, path: Any) -> None:
+        """An animated GIF of up to 8 episodes side by side, one frame per decision (the camera
+        images the policy saw), the border green once an episode succeeded."""
+        from pathlib import Path
+
+        import numpy as np
+        from PIL import Image
+
+        imgs = rollout.steps["obs"].get("observation.images.image")
+        if imgs is None:
+            return
+        B = min(len(imgs), 8)
+        imgs = imgs[:B].cpu().numpy()
+        lengths = rollout.mask_B_T[:B].sum(1).long().tolist()
+        ok = rollout.rewards_B[:B].tolist()
+        H, W = imgs.shape[-2:]
+        frames = []
+        for t in range(max(lengths) if B else 0):
+            canvas = np.full((H + 4, B * (W + 4), 3), 255, np.uint8)
+            for b in range(B):
+                k = min(t, lengths[b] - 1)
+                if t >= lengths[b] - 1:
+                    canvas[:, b * (W + 4) : (b + 1) * (W + 4)] = (40, 160, 60) if ok[b] else (200, 50, 50)
+                canvas[2 : 2 + H, b * (W + 4) + 2 : b * (W + 4) + 2 + W] = imgs[b, k].transpose(1, 2, 0)
+            frames.append(Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST))
+        if frames:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path).with_suffix(".tmp.gif")
+            frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=150, loop=0)
+            tmp.replace(path)

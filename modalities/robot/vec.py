@@ -30,7 +30,10 @@ class WorkerCrashed(RuntimeError):
 def _worker(conn: Any, factory: Callable[[], Any]) -> None:
     env = factory()
     while True:
-        cmd, arg = conn.recv()
+        try:
+            cmd, arg = conn.recv()
+        except (EOFError, KeyboardInterrupt):  # the parent has gone
+            return
         try:
             if cmd == "reset":
                 conn.send(("ok", env.reset(arg)))
@@ -95,11 +98,13 @@ class EnvPool:
             raise WorkerCrashed(crashed, detail)
         return out
 
-    def reset(self, init_states: list[int]) -> np.ndarray:
-        """Reset worker i to `init_states[i]` (len <= num_workers); observations `[B, O]`."""
+    def reset(self, init_states: list[Any]) -> Any:
+        """Reset worker i to `init_states[i]` (len <= num_workers); observations `[B, O]` (a list
+        of per-episode dicts when the environment returns dicts)."""
         if len(init_states) > len(self.workers):
             raise ValueError(f"{len(init_states)} episodes but {len(self.workers)} workers; run them in chunks")
-        return np.stack(self._call([(i, "reset", s) for i, s in enumerate(init_states)]))
+        obs = self._call([(i, "reset", s) for i, s in enumerate(init_states)])
+        return obs if isinstance(obs[0], dict) else np.stack(obs)
 
     def step(self, actions_B_A: np.ndarray, active: list[int] | None = None) -> dict[int, tuple[np.ndarray, float, bool, bool]]:
         """Step the `active` workers (default: all reset ones) with their rows of `actions_B_A`;

