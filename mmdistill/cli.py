@@ -120,6 +120,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    """Episodes of one model of a robot run config, written as a LeRobot dataset."""
+    from mmdistill.config import load_config
+    from mmdistill.pipeline import build_task, quiet_library_logs
+    from mmdistill.registry import ADAPTERS
+    from mmdistill.train import RunContext
+
+    quiet_library_logs()
+    cfg = load_config(args.config, args.overrides)
+    adapter_cls = ADAPTERS.get(cfg.adapter)
+    if not hasattr(adapter_cls, "record"):
+        raise MmdistillError(f"adapter {cfg.adapter!r} has no episodes to record; `mmdistill record` is for robot_policy configs")
+    task = build_task(cfg.task)
+    adapter = adapter_cls(None, device="cpu" if cfg.device in ("cpu", "auto") else cfg.device)
+    adapter.bind(task)
+    ctx = RunContext(cfg=cfg, run_dir=Path(cfg.run_dir), accelerator=None, adapter=adapter, task=task, quiet=True)
+    model = ctx.load_model(args.model).eval()
+    problems = task.problems(args.split, args.episodes, seed=cfg.seed)
+    out = Path(args.out or Path(cfg.run_dir) / "datasets" / f"{args.model}_{args.split}")
+    res = adapter.record(model, task, problems, out, repo_id=f"mmdistill/{args.model}", sample=not args.mean, seed=cfg.seed)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -140,12 +164,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if fn is None:
         raise MmdistillError(f"unknown benchmark '{args.name}'; known: {', '.join(sorted(bench.BENCHES))}")
     out = Path(args.out or f"bench/{args.name}.json")
-    result = fn(device=args.device, quick=args.quick)
+    extra = {"workers": args.workers} if args.workers else {}
+    result = fn(device=args.device, quick=args.quick, **extra)
     from mmdistill.checkpoint import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list) and k not in ("setup", "times")}, indent=1))
     print(f"written: {out}")
     return 0
 
@@ -202,11 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="speed / memory benchmarks, written as JSON")
-    b.add_argument("name", help="flow-sampling")
+    b.add_argument("name", help="flow-sampling | libero-throughput")
     b.add_argument("--out", help="output JSON (default bench/NAME.json)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke)")
+    b.add_argument("--workers", type=int, help="libero-throughput: the N of 1 vs N worker processes (default: the CPU count, 2..8)")
     b.set_defaults(fn=cmd_bench)
+
+    rec = sub.add_parser("record", help="robot runs: record a model's episodes as a LeRobot dataset")
+    rec.add_argument("config", help="a robot_policy run config (YAML)")
+    rec.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    rec.add_argument("--model", required=True, help="a models entry or a finished stage (its final checkpoint)")
+    rec.add_argument("--episodes", type=int, default=10)
+    rec.add_argument("--split", default="train", choices=["train", "test"], help="initial states (default: training ones)")
+    rec.add_argument("--mean", action="store_true", help="act with the policy's mean action instead of sampling")
+    rec.add_argument("--out", help="dataset directory (default RUN_DIR/datasets/MODEL_SPLIT; must not exist)")
+    rec.set_defaults(fn=cmd_record)
 
     ls = sub.add_parser("list", help="registered objectives, adapters, tasks, and packaged configs")
     ls.set_defaults(fn=cmd_list)
