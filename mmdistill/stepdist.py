@@ -257,6 +257,21 @@ class VelocityStepDist:
     mask_B_T: Tensor
     logprob_reduce: str = "sum"
 
+    def divergence(self, other: "VelocityStepDist", beta: float) -> Tensor:
+        """Per-step KL between two step Gaussians at the same states: both share the std, so forward
+        (beta 0) and reverse (beta 1) are the same `w(t) ||v_self - v_other||^2` (docs/objectives.md section 6)."""
+        if beta not in (0.0, 1.0):
+            raise ValueError(f"flow steps have closed-form forward / reverse KL only (beta 0 or 1); got {beta}")
+        if self.kl_weight_B_T is None:
+            raise ValueError("this rollout is deterministic (noise_level 0); sample with rollout.noise_level > 0 for step KLs")
+        return self.kl_weight_B_T * (self.velocity_B_T_D - other.velocity_B_T_D).pow(2).sum(-1) * self.mask_B_T
+
+    def mode(self) -> Tensor:
+        """The most likely next state of every step (the step Gaussian's mean)."""
+        if self.gaussian is None:
+            raise ValueError("this rollout is deterministic (noise_level 0); it has no step Gaussians")
+        return self.gaussian.mean_B_T_D
+
     def log_prob(self, actions_B_T_D: Tensor) -> Tensor:
         """Log-probs `[B, T]` of the sampled next states on the rollout's convention."""
         if self.gaussian is None:

@@ -11,6 +11,7 @@ initial state and reports the success rate and the policy's entropy.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from mmdistill.modalities.robot.policies import (
 )
 from mmdistill.registry import ADAPTERS
 from mmdistill.rollout import Rollout
-from mmdistill.stepdist import Gaussian
+from mmdistill.stepdist import Gaussian, HiddenCategorical, VelocityStepDist
 
 POLICIES = {"gaussian_mlp": GaussianMLPPolicy, "scripted_reach": ScriptedReachExpert,
             "vision_gaussian": VisionGaussianPolicy, "scripted_pick_place": ScriptedPickPlaceExpert}
@@ -42,7 +43,7 @@ class TinyPolicyConfig:
     """A policy built from this section: a Gaussian MLP or small vision student, or a scripted
     expert (`scripted_reach` for the point mass, `scripted_pick_place` for LIBERO)."""
 
-    kind: Literal["gaussian_mlp", "vision_gaussian", "scripted_reach", "scripted_pick_place", "lerobot_act"] = "gaussian_mlp"
+    kind: Literal["gaussian_mlp", "vision_gaussian", "scripted_reach", "scripted_pick_place", "lerobot_act", "tokenized_lm"] = "gaussian_mlp"
     hidden: int = 64
     layers: int = 2
     channels: int = 32  # vision_gaussian; lerobot_act: its transformer width (dim_model)
@@ -50,6 +51,7 @@ class TinyPolicyConfig:
     chunk_size: int = 1  # actions per decision (rendering happens only at decisions)
     gain: float = 10.0  # scripted experts
     std: float = 0.1  # scripted experts
+    bins: int = 32  # tokenized_lm: action / state bins
     seed: int = 0
 
 
@@ -66,18 +68,37 @@ def _stack_obs(obs: list[dict[str, np.ndarray]], device: torch.device) -> dict[s
     return {k: torch.as_tensor(np.stack([o[k] for o in obs]), device=device) for k in obs[0]}
 
 
-def _concat(parts: list[Rollout]) -> Rollout:
-    """Rollouts of the same horizon, stacked along the batch."""
+def cat_step_dists(dists: list[Any]) -> Any:
+    """Per-decision step distributions `[B, S, ...]` (denoising chains or action tokens) -> one
+    `[B, T * S, ...]` distribution of the same kind."""
+    first = dists[0]
+    if isinstance(first, HiddenCategorical):
+        return HiddenCategorical(torch.cat([d.hidden_B_T_H for d in dists], 1), first.head_weight_V_H, torch.cat([d.mask_B_T for d in dists], 1),
+                                 vocab_size=first.vocab_size, temperature=first.temperature, chunk_size=first.chunk_size,
+                                 head_bias_V=first.head_bias_V)
+    g = [d.gaussian for d in dists]
+    gaussian = None if g[0] is None else Gaussian(torch.cat([x.mean_B_T_D for x in g], 1), torch.cat([x.std_B_T_D for x in g], 1),
+                                                   torch.cat([x.mask_B_T for x in g], 1))
+    kl_w = None if first.kl_weight_B_T is None else torch.cat([d.kl_weight_B_T for d in dists], 1)
+    return VelocityStepDist(torch.cat([d.velocity_B_T_D for d in dists], 1), gaussian, kl_w, torch.cat([d.dt_B_T for d in dists], 1),
+                            torch.cat([d.mask_B_T for d in dists], 1), first.logprob_reduce)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Rollouts (and everything batch-major inside them: observation dicts, flow chains) of the same
+    horizon, stacked along the batch."""
+    first = parts[0]
     if len(parts) == 1:
-        return parts[0]
-    obs = {k: (sum((p.steps["obs"][k] for p in parts), []) if isinstance(parts[0].steps["obs"][k], list)
-               else torch.cat([p.steps["obs"][k] for p in parts])) for k in parts[0].steps["obs"]}
-    return Rollout(
-        context=[c for p in parts for c in p.context], steps={"obs": obs},
-        actions=torch.cat([p.actions for p in parts]), mask_B_T=torch.cat([p.mask_B_T for p in parts]),
-        behavior_logp_B_T=torch.cat([p.behavior_logp_B_T for p in parts]), rewards_B=torch.cat([p.rewards_B for p in parts]),
-        extras={"decisions_B": torch.cat([p.extras["decisions_B"] for p in parts])},
-    )
+        return first
+    if isinstance(first, Tensor):
+        return torch.cat(parts) if first.dim() > 0 else first
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+    return first  # scalars and settings shared by all parts
 
 
 def unwrap(model: Any) -> Any:
@@ -97,6 +118,7 @@ class RobotPolicyAdapter:
         self.task: Any = None  # set by `bind`: the environment factory and action dimension
         self._pool: Any = None  # worker processes, when the task asks for them
         self._chunk: tuple[int, str] | None = None  # (chunk_size, model name) of the first policy loaded
+        self.flow_noise_level = 0.7  # SDE noise of flow action heads when sampling (rollout.noise_level)
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> None:
@@ -116,7 +138,7 @@ class RobotPolicyAdapter:
                 raise CheckpointError(f"models.{name}.path: {path}/model.safetensors is missing; the LeRobot checkpoint is incomplete, save it again")
             return
         kind = conf.get("kind")
-        if kind not in POLICIES:
+        if kind not in POLICIES and kind != "tokenized_lm":
             raise CheckpointError(f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(POLICIES)}")
 
     def bind(self, task: Any) -> None:
@@ -135,6 +157,11 @@ class RobotPolicyAdapter:
                 model = ScriptedReachExpert(t.gain, t.std)
             elif t.kind == "scripted_pick_place":
                 model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size)
+            elif t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
+                from mmdistill.modalities.robot.tokenized import tiny_tokenized_policy
+
+                words = sorted({w for text in getattr(self.task, "languages", {}).values() for w in text.split()})
+                model = tiny_tokenized_policy(words, action_dim, t.chunk_size, t.bins, t.hidden, t.layers, t.seed, str(self.device))
             elif t.kind == "lerobot_act":  # a random-init LeRobot ACT as a Gaussian head
                 from mmdistill.modalities.robot.lerobot_policies import ACTGaussianPolicy, tiny_act
 
@@ -157,6 +184,10 @@ class RobotPolicyAdapter:
             model = load_lerobot_policy(path, expect_action_dim=action_dim, expect_chunk=chunk, device=str(self.device))
             return self._check_compatible(model, name)
         kind = conf.pop("kind")
+        if kind == "tokenized_lm":
+            from mmdistill.modalities.robot.tokenized import TokenizedActionPolicy
+
+            return self._check_compatible(TokenizedActionPolicy.load(path, device=str(self.device)).to(self.device), name)
         model = POLICIES[kind](**conf)
         if (path / "model.safetensors").exists():
             from safetensors.torch import load_file
@@ -188,6 +219,9 @@ class RobotPolicyAdapter:
 
         m = unwrap(model)
         out_dir = Path(out_dir)
+        if hasattr(m, "save"):  # a policy with its own format (tokenised LM: HF model + tokenizer)
+            m.save(out_dir)
+            return
         if hasattr(m, "lerobot"):  # LeRobot's own format, loadable by its from_pretrained
             from mmdistill.modalities.robot.lerobot_policies import save_lerobot_policy
 
@@ -215,8 +249,10 @@ class RobotPolicyAdapter:
         if sample:
             D = self.task.action_dim * int(getattr(unwrap(model), "chunk_size", 1))
             eps_B_T_D = torch.randn(len(init_states), self.horizon(model), D, generator=gen, device=self.device)
+        # flow action heads draw their chains' noise from a generator seeded here (0 when not sampling)
+        flow_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)) if sample and gen is not None else 0
         if workers <= 0:
-            return self._episodes(model, init_states, eps_B_T_D, None)
+            return self._episodes(model, init_states, eps_B_T_D, None, flow_seed)
         from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 
         if self._pool is None or len(self._pool.workers) != workers:
@@ -227,7 +263,7 @@ class RobotPolicyAdapter:
             eps = eps_B_T_D[i : i + workers] if eps_B_T_D is not None else None
             for attempt in range(3):
                 try:
-                    parts.append(self._episodes(model, chunk, eps, self._pool))
+                    parts.append(self._episodes(model, chunk, eps, self._pool, flow_seed + i))
                     break
                 except WorkerCrashed as e:
                     if attempt == 2:
@@ -235,7 +271,7 @@ class RobotPolicyAdapter:
                     print(f"[robot] {e}")
         return _concat(parts)
 
-    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any) -> Rollout:
+    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any, flow_seed: int = 0) -> Rollout:
         """Episodes from `init_states`; each decision samples a chunk `mean + std * eps` (the mode
         when eps is None) that the environment executes before the next observation."""
         if pool is None:
@@ -255,16 +291,26 @@ class RobotPolicyAdapter:
         success = np.zeros(B, np.float32)
         decisions = np.zeros(B, np.int64)
         language = [self.task.language(p) for p in init_states] if hasattr(self.task, "language") else None
+        flow = hasattr(policy, "sample_chunk")
+        chains: dict[str, Rollout] = {}
+        flow_gen = torch.Generator(device=self.device).manual_seed(flow_seed)
         for t in range(T):
-            if not alive.any():
+            if not alive.any() and not flow:  # flow chains keep the full horizon (all rows alike)
                 break
             o = {k: v.unsqueeze(1) for k, v in _stack_obs(obs, self.device).items()}
             if language is not None:
                 o["task"] = language
-            d = policy.dist(o, torch.ones(B, 1, device=self.device))
-            a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_D[:, t : t + 1] if eps_B_T_D is not None else d.mode()
-            lp = d.log_prob(a)
             keep = torch.as_tensor(alive, device=self.device, dtype=torch.float32)
+            if flow:  # a flow action head: the chunk is the end of an SDE denoising chain
+                o_N = {k: (v[:, 0] if isinstance(v, Tensor) else v) for k, v in o.items()}
+                a_N, chain = policy.sample_chunk(o_N, generator=flow_gen, noise_level=self.flow_noise_level if eps_B_T_D is not None else 0.0)
+                chain.mask_B_T = chain.mask_B_T * keep[:, None]
+                chains[str(t)] = chain
+                a, lp = a_N.unsqueeze(1), chain.behavior_logp_B_T.sum(-1, keepdim=True)
+            else:
+                d = policy.dist(o, torch.ones(B, 1, device=self.device))
+                a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_D[:, t : t + 1] if eps_B_T_D is not None else d.mode()
+                lp = d.log_prob(a)
             for k in obs_B_T:
                 obs_B_T[k][:, t] = o[k][:, 0]
             act_B_T_D[:, t], mask_B_T[:, t], logp_B_T[:, t] = a[:, 0], keep, lp[:, 0] * keep
@@ -275,7 +321,7 @@ class RobotPolicyAdapter:
                 results = {b: (o_, r_, d_, i_["success"]) for b, (o_, r_, d_, i_) in results.items()}
             else:
                 results = pool.step(a_np, active=live)
-            for b, (ob, _, done, ok) in results.items():
+            for b, (ob, _, done, ok) in (results.items() if live else []):
                 obs[b] = ob if isinstance(ob, dict) else {"observation.state": np.asarray(ob)}
                 decisions[b] += 1
                 if ok:
@@ -284,6 +330,14 @@ class RobotPolicyAdapter:
         steps: dict[str, Any] = {"obs": dict(obs_B_T)}
         if language is not None:
             steps["obs"]["task"] = language
+        if flow:  # objectives see the denoising steps: [B, T * S] steps of flow-state size D
+            steps.update(chains=chains, decision_actions=act_B_T_D)
+            parts = [chains[str(t)] for t in range(T)]
+            return Rollout(
+                context=list(init_states), steps=steps, actions=torch.cat([c.actions for c in parts], 1),
+                mask_B_T=torch.cat([c.mask_B_T for c in parts], 1), behavior_logp_B_T=torch.cat([c.behavior_logp_B_T for c in parts], 1),
+                rewards_B=torch.as_tensor(success, device=self.device), extras={"decisions_B": torch.as_tensor(decisions, device=self.device)},
+            )
         return Rollout(
             context=list(init_states), steps=steps, actions=act_B_T_D, mask_B_T=mask_B_T,
             behavior_logp_B_T=logp_B_T, rewards_B=torch.as_tensor(success, device=self.device),
@@ -294,10 +348,28 @@ class RobotPolicyAdapter:
         """Episodes from training initial states, acted by the student (or by the teacher, for warm-up)."""
         if source == "dataset":
             raise ConfigError("robot tasks have no dataset actions; warm up with objective sft and source: teacher")
+        self.flow_noise_level = float(getattr(rc, "noise_level", self.flow_noise_level))
         return self.run_episodes(student if source == "student" else teacher, list(problems), gen, sample=True)
 
     def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Gaussian:
-        return unwrap(model).dist(rollout.steps["obs"], rollout.mask_B_T)
+        policy = unwrap(model)
+        chains = rollout.steps.get("chains")
+        if chains is None:
+            return policy.dist(rollout.steps["obs"], rollout.mask_B_T)
+        parts = [chains[str(t)] for t in range(len(chains))]
+        if hasattr(policy, "step_dist"):
+            return cat_step_dists([policy.step_dist(None, c) for c in parts])
+        if "token_bins" in parts[0].extras and hasattr(policy, "dist"):  # a Gaussian teacher scoring action tokens
+            from mmdistill.modalities.robot.tokenized import BinnedGaussian
+
+            d = policy.dist(rollout.steps["obs"], torch.ones(rollout.steps["decision_actions"].shape[:2], device=self.device))
+            B = d.mean_B_T_D.shape[0]
+            first, n_bins = parts[0].extras["token_bins"]
+            return BinnedGaussian(d.mean_B_T_D.reshape(B, -1), d.std_B_T_D.reshape(B, -1), rollout.mask_B_T, first, n_bins)
+        raise CompatibilityError(
+            "a flow-head student's rollout is scored per denoising step; this policy has no flow head (the scripted "
+            "expert scores whole decisions) -- give a flow-head student a flow-head teacher (e.g. a SmolVLA checkpoint)"
+        )
 
     @torch.no_grad()
     def dist_metrics(self, dist: Any, rollout: Rollout) -> dict[str, float]:
@@ -318,8 +390,9 @@ class RobotPolicyAdapter:
         r = self.run_episodes(model, states, None, sample=False)
         d = self.step_dist(model, r)
         n_steps = r.mask_B_T.sum().clamp(min=1)
-        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "entropy": float(d.entropy().sum() / n_steps),
-                               "decisions": float(r.extras["decisions_B"].float().mean())}
+        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "decisions": float(r.extras["decisions_B"].float().mean())}
+        if hasattr(d, "entropy"):  # Gaussian heads; a flow head's chain has no closed-form action entropy
+            out["entropy"] = float(d.entropy().sum() / n_steps)
         if hasattr(task, "group_of"):
             groups: dict[str, list[float]] = {}
             for p, ok in zip(states, r.rewards_B.tolist()):
