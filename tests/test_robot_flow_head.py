@@ -84,8 +84,8 @@ def test_flow_head_episodes_in_chunks_equal_one_batch(policies):
     adapter = RobotPolicyAdapter()
     adapter.bind(CameraTask())
     sampled = torch.zeros(2, 3, 14)  # not None: sample the chains with noise (flow heads ignore the values)
-    whole = adapter._episodes(student, [0, 1], sampled, None, flow_seed=0)
-    parts = [adapter._episodes(student, [p], sampled[:1], None, flow_seed=0) for p in (0, 1)]
+    whole = adapter._episodes(student, [0, 1], sampled, None, chain_seed=0)
+    parts = [adapter._episodes(student, [p], sampled[:1], None, chain_seed=0) for p in (0, 1)]
     joined = _concat(parts)
     assert joined.actions.shape == whole.actions.shape
     assert joined.steps["chains"]["0"].steps.x_t_B_T_D.shape == whole.steps["chains"]["0"].steps.x_t_B_T_D.shape

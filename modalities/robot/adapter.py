@@ -1,13 +1,23 @@
 """The `robot_policy` adapter: students act in the environment, teachers score the visited states.
 
-A rollout runs one episode per row (vectorised over rows; finished episodes are masked), with
-`steps = {"obs_B_T_O": ...}`, `actions [B, T, A]`, `mask_B_T` (steps taken), behaviour log-probs
-and `rewards_B` = success.  Re-scoring (`step_dist`) gives each policy's `Gaussian` on those
-observations: the student's with gradient, the teacher's without (teacher actions are never
-executed in a student rollout).  Evaluation runs the policy's mean action from every evaluation
-initial state and reports the success rate and the policy's entropy.
+A rollout runs one episode per row (vectorised over rows; finished episodes are masked).  Each
+decision the policy sees an observation dict (LeRobot key names, `[B, T, ...]` in
+`steps["obs"]`) and emits a chunk of K actions, flattened to `actions [B, T, K * A]`; the
+environment executes the chunk and renders only at the next decision.  `mask_B_T` marks the
+decisions taken, `rewards_B` is success.  Re-scoring (`step_dist`) gives each policy's step
+distribution on those observations: the student's with gradient, the teacher's without (teacher
+actions are never executed in a student rollout):
 
-    mmdistill train configs/vla/pointmass_opd.yaml
+- Gaussian heads (MLP, vision, ACT, scripted experts): one `Gaussian` per decision;
+- chained policies (`sample_chunk` / `step_dist`): a SmolVLA flow head's chunk ends an SDE
+  denoising chain (`VelocityStepDist` per denoising step), a tokenised LM's chunk is K x A action
+  tokens (`HiddenCategorical` per token, or a Gaussian teacher's `BinnedGaussian`); then the
+  rollout's steps are `[B, T * S]` and `steps["decision_actions"]` holds the executed chunks.
+
+Evaluation runs the policy's mean (greedy, noise-free) action from every evaluation initial
+state and reports the success rate (per task too), the entropy per decision and a GIF.
+
+    mmdistill train configs/vla/libero_object_opd.yaml
 """
 from __future__ import annotations
 
@@ -249,10 +259,10 @@ class RobotPolicyAdapter:
         if sample:
             D = self.task.action_dim * int(getattr(unwrap(model), "chunk_size", 1))
             eps_B_T_D = torch.randn(len(init_states), self.horizon(model), D, generator=gen, device=self.device)
-        # flow action heads draw their chains' noise from a generator seeded here (0 when not sampling)
-        flow_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)) if sample and gen is not None else 0
+        # chained policies (flow heads, action tokens) sample from a generator seeded here (0: not sampling)
+        chain_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)) if sample and gen is not None else 0
         if workers <= 0:
-            return self._episodes(model, init_states, eps_B_T_D, None, flow_seed)
+            return self._episodes(model, init_states, eps_B_T_D, None, chain_seed)
         from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 
         if self._pool is None or len(self._pool.workers) != workers:
@@ -263,7 +273,7 @@ class RobotPolicyAdapter:
             eps = eps_B_T_D[i : i + workers] if eps_B_T_D is not None else None
             for attempt in range(3):
                 try:
-                    parts.append(self._episodes(model, chunk, eps, self._pool, flow_seed + i))
+                    parts.append(self._episodes(model, chunk, eps, self._pool, chain_seed + i))
                     break
                 except WorkerCrashed as e:
                     if attempt == 2:
@@ -271,7 +281,7 @@ class RobotPolicyAdapter:
                     print(f"[robot] {e}")
         return _concat(parts)
 
-    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any, flow_seed: int = 0) -> Rollout:
+    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any, chain_seed: int = 0) -> Rollout:
         """Episodes from `init_states`; each decision samples a chunk `mean + std * eps` (the mode
         when eps is None) that the environment executes before the next observation."""
         if pool is None:
@@ -291,19 +301,21 @@ class RobotPolicyAdapter:
         success = np.zeros(B, np.float32)
         decisions = np.zeros(B, np.int64)
         language = [self.task.language(p) for p in init_states] if hasattr(self.task, "language") else None
-        flow = hasattr(policy, "sample_chunk")
+        # a chained policy's chunk ends a sub-rollout: an SDE denoising chain (flow action heads) or
+        # K x A action tokens (tokenised LMs); objectives see that sub-rollout's steps
+        chained = hasattr(policy, "sample_chunk")
         chains: dict[str, Rollout] = {}
-        flow_gen = torch.Generator(device=self.device).manual_seed(flow_seed)
+        chain_gen = torch.Generator(device=self.device).manual_seed(chain_seed)
         for t in range(T):
-            if not alive.any() and not flow:  # flow chains keep the full horizon (all rows alike)
+            if not alive.any() and not chained:  # chains keep the full horizon (all rows alike)
                 break
             o = {k: v.unsqueeze(1) for k, v in _stack_obs(obs, self.device).items()}
             if language is not None:
                 o["task"] = language
             keep = torch.as_tensor(alive, device=self.device, dtype=torch.float32)
-            if flow:  # a flow action head: the chunk is the end of an SDE denoising chain
+            if chained:
                 o_N = {k: (v[:, 0] if isinstance(v, Tensor) else v) for k, v in o.items()}
-                a_N, chain = policy.sample_chunk(o_N, generator=flow_gen, noise_level=self.flow_noise_level if eps_B_T_D is not None else 0.0)
+                a_N, chain = policy.sample_chunk(o_N, generator=chain_gen, noise_level=self.flow_noise_level if eps_B_T_D is not None else 0.0)
                 chain.mask_B_T = chain.mask_B_T * keep[:, None]
                 chains[str(t)] = chain
                 a, lp = a_N.unsqueeze(1), chain.behavior_logp_B_T.sum(-1, keepdim=True)
@@ -321,7 +333,7 @@ class RobotPolicyAdapter:
                 results = {b: (o_, r_, d_, i_["success"]) for b, (o_, r_, d_, i_) in results.items()}
             else:
                 results = pool.step(a_np, active=live)
-            for b, (ob, _, done, ok) in (results.items() if live else []):
+            for b, (ob, _, done, ok) in results.items():
                 obs[b] = ob if isinstance(ob, dict) else {"observation.state": np.asarray(ob)}
                 decisions[b] += 1
                 if ok:
@@ -330,7 +342,7 @@ class RobotPolicyAdapter:
         steps: dict[str, Any] = {"obs": dict(obs_B_T)}
         if language is not None:
             steps["obs"]["task"] = language
-        if flow:  # objectives see the denoising steps: [B, T * S] steps of flow-state size D
+        if chained:  # objectives see the chains' steps: [B, T * S] (S denoising steps or action tokens)
             steps.update(chains=chains, decision_actions=act_B_T_D)
             parts = [chains[str(t)] for t in range(T)]
             return Rollout(
