@@ -62,6 +62,7 @@ def _load_builtins() -> None:
 
     for mod in (
         "mmdistill.objectives.registered",
+        "mmdistill.objectives.registered_text",
         "mmdistill.modalities.text.adapter",
         "mmdistill.modalities.text.registered_tasks",
         "mmdistill.objectives.registered_flow",  # needs only torch

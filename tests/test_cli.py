@@ -18,7 +18,7 @@ def test_list_shows_every_registered_name(capsys):
         for name in reg.names():
             assert f"  {name} " in out
     assert "configs/text/quickstart.yaml" in out
-    assert {"opd", "reverse_kl", "forward_kl", "jsd", "gkd", "sft", "grpo"} <= set(OBJECTIVES.names())
+    assert {"opd", "reverse_kl", "forward_kl", "jsd", "gkd", "sft", "grpo", "hard_ce", "scope", "kepo", "sod", "uniopd"} <= set(OBJECTIVES.names())
 
 
 @pytest.mark.parametrize("verb", ["train", "eval", "sample", "list"])
