@@ -156,12 +156,13 @@ class LiberoEnv:
     def _make(self, task_id: int) -> Any:
         if task_id not in self._envs:
             L = setup_libero()
-            from libero.libero.envs import OffScreenRenderEnv
+            from libero.libero.envs.env_wrapper import ControlEnv
 
             task = suite_tasks(self.suite)[task_id]
             bddl = os.path.join(L.get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-            env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=self.image_size, camera_widths=self.image_size,
-                                     use_camera_obs=False, camera_names=[], hard_reset=False)
+            # no offscreen renderer (no EGL context) unless this environment renders
+            env = ControlEnv(bddl_file_name=bddl, camera_heights=self.image_size, camera_widths=self.image_size, has_renderer=False,
+                             has_offscreen_renderer=self.render_mode != "none", use_camera_obs=False, camera_names=[], hard_reset=False)
             env.seed(0)
             env.reset()
             objects = list(env.obj_of_interest)
