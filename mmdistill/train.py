@@ -303,6 +303,20 @@ def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train
             "eval_setup": _eval_setup(st)}
 
 
+def _reuse_media(ev: dict[str, Any], out_dir: Path, key: str) -> dict[str, Any]:
+    """A reused evaluation's sample grid or video copied to `out_dir/KEY.ext`, as a fresh one would be."""
+    import shutil
+
+    ev = dict(ev)
+    for field in ("grid", "video"):
+        if isinstance(ev.get(field), str) and Path(ev[field]).is_file():
+            dst = out_dir / f"{key}{Path(ev[field]).suffix}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ev[field], dst)
+            ev[field] = str(dst)
+    return ev
+
+
 def _eval_setup(st: StageConfig) -> dict[str, Any]:
     """What an evaluation's result depends on besides the model (equal setups give equal results)."""
     return {"eval": dataclasses.asdict(st.eval), "task": st.task}
@@ -314,7 +328,7 @@ def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     for key, ref in st.evaluate.items():
         done = ctx.stage_results.get(ref, {})
         if done.get("kind") == "train" and done.get("eval_setup") == _eval_setup(st):
-            ev = done["eval"]  # that stage's final evaluation, with the same settings and task
+            ev = _reuse_media(done["eval"], ctx.run_dir / st.name, key)  # that stage's final evaluation, same settings and task
         else:
             model = ctx.load_model(ref).eval()
             ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=ctx.run_dir / st.name, tag=key)

@@ -78,9 +78,9 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
     assert report["rkl_opd"]["success_rate"] >= report["warmup"]["success_rate"] + 0.3
     assert (tmp_path / "run" / "rkl_opd" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "evaluate" / "teacher.gif").stat().st_size > 1000  # episode video
-    # the stage's own final evaluation is reused (same settings, same task), video included
-    assert Path(report["rkl_opd"]["video"]) == tmp_path / "run" / "rkl_opd" / "samples" / "final.gif"
-    assert Path(report["rkl_opd"]["video"]).stat().st_size > 1000
+    # the stage's own final evaluation is reused (same settings, same task), its video copied
+    assert Path(report["rkl_opd"]["video"]) == tmp_path / "run" / "evaluate" / "rkl_opd.gif"
+    assert Path(report["rkl_opd"]["video"]).read_bytes() == (tmp_path / "run" / "rkl_opd" / "samples" / "final.gif").read_bytes()
 
 
 # ----------------------------------------------------------------------------- the environment pool
