@@ -32,7 +32,7 @@ from mmdistill.errors import CheckpointError, MmdistillError
 from mmdistill.evaluate import evaluate
 from mmdistill.metrics import MetricsLogger, plot_curves
 from mmdistill.objectives.registered import ObjectiveBatch
-from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
+from mmdistill.registry import OBJECTIVES, TASKS
 
 
 @dataclass
@@ -308,12 +308,12 @@ def _reuse_media(ev: dict[str, Any], out_dir: Path, key: str) -> dict[str, Any]:
     import shutil
 
     ev = dict(ev)
-    for field in ("grid", "video"):
-        if isinstance(ev.get(field), str) and Path(ev[field]).is_file():
-            dst = out_dir / f"{key}{Path(ev[field]).suffix}"
+    for name in ("grid", "video"):
+        if isinstance(ev.get(name), str) and Path(ev[name]).is_file():
+            dst = out_dir / f"{key}{Path(ev[name]).suffix}"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ev[field], dst)
-            ev[field] = str(dst)
+            shutil.copyfile(ev[name], dst)
+            ev[name] = str(dst)
     return ev
 
 

@@ -8,7 +8,6 @@ import yaml
 
 from mmdistill.cli import main
 from mmdistill.config import RunConfig, config_from_raw, load_config
-from mmdistill.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

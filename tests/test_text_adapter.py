@@ -6,7 +6,7 @@ import torch
 
 from mmdistill.config import ModelConfig, TinyLMConfig
 from mmdistill.errors import CompatibilityError
-from mmdistill.modalities.text.adapter import CausalLMAdapter, build_tiny_lm, check_tokenizers_match
+from mmdistill.modalities.text.adapter import CausalLMAdapter, check_tokenizers_match
 from mmdistill.modalities.text.tasks.arith import ArithTask
 from mmdistill.modalities.text.tokenizer import build_word_tokenizer
 

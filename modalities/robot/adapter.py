@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmdistill.config import LoraConfig, ModelConfig, TokenizerConfig
+from mmdistill.config import ModelConfig, TokenizerConfig
 from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
 from mmdistill.modalities.robot.policies import (
     GaussianMLPPolicy,

@@ -51,7 +51,6 @@ STATE_DIM = 8
 PRIVILEGED = ("eef_pos", "gripper_qpos", "gripper_qvel", "object_pos", "target_pos")
 PRIVILEGED_DIM = 13
 ACTION_DIM = 7
-_SETUP_DONE = False
 
 
 def _cache_dir() -> Path:
@@ -60,7 +59,6 @@ def _cache_dir() -> Path:
 
 def setup_libero() -> Any:
     """Make `import libero.libero` work offline with no prompt; returns the `libero.libero` module."""
-    global _SETUP_DONE
     try:  # load triton's LLVM before Mesa's (EGL rendering): the other order segfaults at import
         import triton.runtime.autotuner  # noqa: F401
     except ImportError:
@@ -92,7 +90,6 @@ def setup_libero() -> Any:
     import libero.libero as L
 
     L._assets_path_cache = str(assets)  # get_assets_path() returns this instead of downloading
-    _SETUP_DONE = True
     return L
 
 
