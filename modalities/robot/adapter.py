@@ -61,6 +61,7 @@ class TinyPolicyConfig:
     chunk_size: int = 1  # actions per decision (rendering happens only at decisions)
     gain: float = 10.0  # scripted experts
     std: float = 0.1  # scripted experts
+    grasp_dz: float = 0.02  # scripted_pick_place: grasp height above the object's origin (m)
     bins: int = 32  # tokenized_lm: action / state bins
     seed: int = 0
 
@@ -166,7 +167,7 @@ class RobotPolicyAdapter:
             if t.kind == "scripted_reach":
                 model = ScriptedReachExpert(t.gain, t.std)
             elif t.kind == "scripted_pick_place":
-                model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size)
+                model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
             elif t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
                 from mmdistill.modalities.robot.tokenized import tiny_tokenized_policy
 
