@@ -154,6 +154,9 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{k:<{w}}  " + "  ".join(f"{v[c]:15.3f}" if c in v else f"{'':>15}" for c in cols))
 
 
+NOT_SCORES = ("decisions",)  # evaluation counts left out of the results bar chart
+
+
 def plot_report(ctx: RunContext, png: Path) -> None:
     """Bar chart of the evaluated models, next to the training curves of every stage."""
     import matplotlib
@@ -170,14 +173,18 @@ def plot_report(ctx: RunContext, png: Path) -> None:
     curves = [(n, p) for n, p in curves if p.exists()]
     if not evals and not curves:
         return
-    # the results bar chart, then one panel of curves per training stage (training reward, evaluations)
+    # the results bar chart, then one panel of curves per training stage (training reward, evaluations),
+    # and, when the adapter logs it (robot policies), the policy entropy of every stage in one panel
+    entropy = [(n, [(r["step"], r["entropy"]) for r in read_jsonl(p) if "entropy" in r]) for n, p in curves]
+    entropy = [(n, pts) for n, pts in entropy if pts]
+    panels = len(curves) + (1 if entropy else 0)
     cols = 3
-    rows_n = 1 + math.ceil(len(curves) / cols) if curves else 1
+    rows_n = 1 + math.ceil(panels / cols) if panels else 1
     fig = plt.figure(figsize=(12, 3.6 * rows_n))
     grid = fig.add_gridspec(rows_n, cols)
     ax0 = fig.add_subplot(grid[0, :])
     if evals:  # grouped horizontal bars: one group per model, one bar per metric
-        metrics = list(dict.fromkeys(m for _, h in evals for m in h if not m.startswith("pass@")))
+        metrics = list(dict.fromkeys(m for _, h in evals for m in h if not m.startswith("pass@") and m not in NOT_SCORES))
         height = 0.8 / max(len(metrics), 1)
         for j, m in enumerate(metrics):
             ys = [i + j * height for i in range(len(evals))]
@@ -199,7 +206,7 @@ def plot_report(ctx: RunContext, png: Path) -> None:
             ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], lw=0.8, alpha=0.6, label=f"train: {key}")
         final = headline(ctx.stage_results[name].get("eval", {}))  # the stage's final evaluation ends each curve
         for j, m in enumerate(dict.fromkeys([k[len("eval_"):] for r in rows for k in r if k.startswith("eval_")] + list(final))):
-            if m.startswith("pass@"):
+            if m.startswith("pass@") or m in NOT_SCORES:
                 continue
             ev = [(r["step"], r[f"eval_{m}"]) for r in rows if f"eval_{m}" in r]
             if m in final:
@@ -212,6 +219,13 @@ def plot_report(ctx: RunContext, png: Path) -> None:
             ax.set_ylim(0, 1.02)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
+    if entropy:
+        ax = fig.add_subplot(grid[1 + len(curves) // cols, len(curves) % cols])
+        for j, (name, pts) in enumerate(entropy):
+            ax.plot(*zip(*pts), "-", color=f"C{j}", label=name)
+        ax.set_title("policy entropy per decision (training rollouts)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
