@@ -102,6 +102,8 @@ def _fingerprint(module: Any) -> list[float]:
 
 @ADAPTERS.register("diffusers_flow")
 class FlowAdapter:
+    """Diffusers flow-matching pipelines (SD3, Flux): SDE rollouts with per-step log-probs, teachers re-score the student's states."""
+
     tiny_config = TinyFlowConfig
     supports_routing = True
 

@@ -120,6 +120,8 @@ def unwrap(model: Any) -> Any:
 
 @ADAPTERS.register("robot_policy")
 class RobotPolicyAdapter:
+    """Robot policies acting in simulators (LIBERO, point mass): Gaussian, flow-head and tokenised policies; teachers score the student's states."""
+
     tiny_config = TinyPolicyConfig
     needs_tokenizer = False
 
