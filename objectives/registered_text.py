@@ -14,6 +14,7 @@ then be a multiple of `rollout.group_size` (checked at each call).
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,6 +88,17 @@ class _RewardAwareOPD:
             teacher_logp_B_T = b.teacher.log_prob(r.actions)
         return logp_B_T, teacher_logp_B_T
 
+    def _whole_group_loss(self, b: ObjectiveBatch, name: str, loss_fn: Any, **hyper: Any) -> tuple[Tensor, dict[str, float]]:
+        """`loss_fn(logp, behavior, teacher, mask, correct_B, group_ids_B, ..., normalizer)` on whole prompt groups."""
+        r = b.rollout
+        _check_whole_groups(r, name)
+        correct_B = _rewards(r, name) >= self.reward_threshold
+        logp_B_T, teacher_logp_B_T = self._logps(b)
+        loss, metrics = loss_fn(logp_B_T, r.behavior_logp_B_T, teacher_logp_B_T, r.mask_B_T, correct_B, _group_ids(r, name),
+                                normalizer=b.normalizer, **hyper)
+        metrics["reward"] = float(r.rewards_B.float().mean())
+        return loss, metrics
+
 
 @OBJECTIVES.register("scope")
 class SCOPE(_RewardAwareOPD):
@@ -106,16 +118,7 @@ class SCOPE(_RewardAwareOPD):
         _record_group_sizes(rollout, "scope")
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
-        r = b.rollout
-        _check_whole_groups(r, "scope")
-        correct_B = _rewards(r, "scope") >= self.reward_threshold
-        logp_B_T, teacher_logp_B_T = self._logps(b)
-        loss, metrics = scope_loss(
-            logp_B_T, r.behavior_logp_B_T, teacher_logp_B_T, r.mask_B_T, correct_B, _group_ids(r, "scope"),
-            tau=self.tau, coef=self.coef, mle_coef=self.mle_coef, clip_eps=self.clip_eps, normalizer=b.normalizer,
-        )
-        metrics["reward"] = float(r.rewards_B.float().mean())
-        return loss, metrics
+        return self._whole_group_loss(b, "scope", scope_loss, tau=self.tau, coef=self.coef, mle_coef=self.mle_coef, clip_eps=self.clip_eps)
 
 
 @OBJECTIVES.register("kepo")
@@ -201,13 +204,4 @@ class UniOPD(_RewardAwareOPD):
         _record_group_sizes(rollout, "uniopd")
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
-        r = b.rollout
-        _check_whole_groups(r, "uniopd")
-        correct_B = _rewards(r, "uniopd") >= self.reward_threshold
-        logp_B_T, teacher_logp_B_T = self._logps(b)
-        loss, metrics = uniopd_loss(
-            logp_B_T, r.behavior_logp_B_T, teacher_logp_B_T, r.mask_B_T, correct_B, _group_ids(r, "uniopd"),
-            delta=self.delta, coef=self.coef, gamma=self.gamma, clip_eps=self.clip_eps, normalizer=b.normalizer,
-        )
-        metrics["reward"] = float(r.rewards_B.float().mean())
-        return loss, metrics
+        return self._whole_group_loss(b, "uniopd", uniopd_loss, delta=self.delta, coef=self.coef, gamma=self.gamma, clip_eps=self.clip_eps)

@@ -113,7 +113,6 @@ class TokenizedActionPolicy(nn.Module):
             r.mask_B_T = torch.cat([r.mask_B_T, r.mask_B_T.new_zeros(len(r.actions), pad)], 1)
             r.behavior_logp_B_T = torch.cat([r.behavior_logp_B_T, r.behavior_logp_B_T.new_zeros(len(r.actions), pad)], 1)
         r.extras["token_bins"] = (self.first_action, self.n_bins)
-        r.steps["obs"] = {k: v for k, v in obs.items()}
         return self.decode(r.actions), r
 
     def step_dist(self, obs: Mapping[str, Any] | None, rollout: Rollout) -> HiddenCategorical:
