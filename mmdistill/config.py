@@ -81,6 +81,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    cross_tokenizer: bool = False  # a teacher with its own tokenizer (a `path` checkpoint): X-Token projection to the run's
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TokenizerConfig:
 
     path: str | None = None
     chat_template: str | None = None
+    level: Literal["word", "char"] = "word"  # offline tokenizers: words as tokens, or one token per character
 
 
 @dataclass
@@ -139,7 +141,7 @@ class EvalConfig:
 @dataclass
 class StageConfig:
     name: str = "train"
-    kind: Literal["train", "eval"] = "train"
+    kind: Literal["train", "eval", "precompute"] = "train"  # precompute: teacher log-prob shards (Lightning OPD)
     student: str | None = None  # a key of `models` or the name of an earlier stage
     teacher: str | None = None
     teachers: dict[str, str] = field(default_factory=dict)  # routing: prompt tag -> teacher (Flow-OPD)
@@ -150,6 +152,7 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     evaluate: dict[str, str] = field(default_factory=dict)  # kind=eval: report key -> model ref
+    precompute: dict[str, Any] = field(default_factory=dict)  # kind=precompute: options of lightning.run_precompute_stage
 
 
 @dataclass
@@ -494,6 +497,12 @@ def validate(cfg: RunConfig) -> None:
             if getattr(objective, "policy_gradient", False) and st.rollout.temperature <= 0:
                 raise ConfigError(f"{where}.rollout.temperature: '{otype}' learns from sampled tokens and needs temperature > 0")
             _check_positive(st, where)
+            if st.task is not None:
+                _check_task(st.task, f"{where}.task", TASKS)
+        elif st.kind == "precompute":
+            if st.teacher is None or st.teacher not in refs:
+                raise ConfigError(f"{where}.teacher: a precompute stage scores with one teacher; name a model or an earlier stage from {refs}")
+            _check_derived(cfg, st.teacher, refs, st.name)
             if st.task is not None:
                 _check_task(st.task, f"{where}.task", TASKS)
         else:

@@ -72,7 +72,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
         with atomic_dir(tok_dir) as tmp:
             tokenizer.save_pretrained(str(tmp))
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
-        if m.path is not None and hasattr(adapter_cls, "check_tokenizer_of"):
+        if m.path is not None and not m.cross_tokenizer and hasattr(adapter_cls, "check_tokenizer_of"):
             adapter_cls.check_tokenizer_of(m.path, tokenizer, name, compare_chat_template=cfg.tokenizer.chat_template is None)
 
     chunk = cfg.stages[0].train.chunk_size
@@ -91,7 +91,12 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
             continue
         if not quiet:
             print(f"[{st.name}] {st.kind} stage starting")
-        result = run_train_stage(ctx, st) if st.kind == "train" else run_eval_stage(ctx, st)
+        if st.kind == "precompute":
+            from mmdistill.modalities.text.lightning import run_precompute_stage
+
+            result = run_precompute_stage(ctx, st)
+        else:
+            result = run_train_stage(ctx, st) if st.kind == "train" else run_eval_stage(ctx, st)
         atomic_write_text(result_path, json.dumps(result, indent=1))
         ctx.stage_results[st.name] = result
     report = build_report(ctx.stage_results, seconds=time.time() - t0)

@@ -65,6 +65,8 @@ def _load_builtins() -> None:
         "mmdistill.objectives.registered_text",
         "mmdistill.modalities.text.adapter",
         "mmdistill.modalities.text.registered_tasks",
+        "mmdistill.modalities.text.lightning",  # Lightning OPD: teacher shards task and objective
+        "mmdistill.objectives.xtoken",  # cross-tokenizer distillation
         "mmdistill.objectives.registered_flow",  # needs only torch
         "mmdistill.modalities.robot.adapter",
         "mmdistill.modalities.robot.task",

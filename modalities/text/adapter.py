@@ -95,6 +95,10 @@ class CausalLMAdapter:
                 tok = AutoTokenizer.from_pretrained(path)
             except OSError as e:
                 raise CheckpointError(f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory") from None
+        elif cfg.level == "char":
+            from mmdistill.modalities.text.tokenizer import build_char_tokenizer
+
+            tok = build_char_tokenizer()
         else:
             tok = build_word_tokenizer(task.vocabulary())
         if cfg.chat_template is not None:
@@ -105,6 +109,10 @@ class CausalLMAdapter:
         from transformers import AutoModelForCausalLM
 
         dtype = DTYPES[cfg.dtype]
+        if cfg.cross_tokenizer:  # a teacher speaking another tokenizer, projected onto ours (X-Token)
+            from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher
+
+            return CrossTokenizerTeacher.load(cfg, self, name)
         if cfg.tiny is not None:
             model = build_tiny_lm(cfg.tiny, self.tokenizer).to(dtype)
         else:
@@ -257,6 +265,10 @@ class CausalLMAdapter:
         """The training loop's rollout: student or teacher samples scored by the task's verifier,
         or the dataset's own completions (`source="dataset"`)."""
         questions = [p.question for p in problems]
+        if source == "dataset" and hasattr(problems[0], "completion_ids"):  # stored token ids and teacher top-k (Lightning OPD)
+            from mmdistill.modalities.text.lightning import shard_rollout
+
+            return shard_rollout(self, problems)
         if source == "dataset":
             return self.dataset_rollout(questions, [p.solution for p in problems])
         rollout = self.sample(student if source == "student" else teacher, questions, rc.max_new_tokens, rc.temperature, gen)
@@ -275,6 +287,8 @@ class CausalLMAdapter:
 
     def step_dist(self, model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> HiddenCategorical:
         """Re-score `model` on the rollout's states: hidden states at every completion step + LM head."""
+        if hasattr(model, "cross_tokenizer_step_dist"):  # a teacher with another tokenizer (X-Token)
+            return model.cross_tokenizer_step_dist(self, rollout, temperature)
         prompt_ids, prompt_attn = rollout.steps["prompt_ids"], rollout.steps["prompt_attn"]
         P = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids, rollout.actions], 1)

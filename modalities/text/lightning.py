@@ -1,0 +1,1 @@
+"""Lightning OPD (work in progress)."""
