@@ -99,6 +99,7 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     group_size: int = 1  # rollouts per prompt (GRPO groups)
+    engine: str = "hf"  # text: the generation engine (modalities/text/engine.py; `hf` = KV-cache loop)
     # flow models: SDE sampling (docs/objectives.md section 6)
     num_steps: int = 10  # denoising steps
     guidance_scale: float = 1.0  # classifier-free guidance (<= 1: none)

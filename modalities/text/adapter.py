@@ -14,14 +14,11 @@ computed in chunks and `B x T x V` logits never exist.
 """
 from __future__ import annotations
 
-import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmdistill.config import LoraConfig, ModelConfig, TinyLMConfig, TokenizerConfig
@@ -41,15 +38,6 @@ class Context:
 
     questions: list[str]
     prompt_len: int  # P: prompts are left-padded to this length
-
-
-def _cache_kw(model: torch.nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _get_cache(out: Any) -> Any:
-    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,6 +67,7 @@ class CausalLMAdapter:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
+        self._engines: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -106,7 +95,6 @@ class CausalLMAdapter:
         return tok
 
     def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
 
         dtype = DTYPES[cfg.dtype]
         if cfg.cross_tokenizer:  # a teacher speaking another tokenizer, projected onto ours (X-Token)
@@ -189,6 +177,14 @@ class CausalLMAdapter:
 
     # ------------------------------------------------------------------ sampling
 
+    def engine(self, name: str = "hf") -> Any:
+        """The generation engine `rollout.engine` names (built once per run)."""
+        from mmdistill.modalities.text.engine import build_engine
+
+        if name not in self._engines:
+            self._engines[name] = build_engine(name, self.vocab_size, self.eos_id, self.pad_id)
+        return self._engines[name]
+
     @torch.no_grad()
     def sample(
         self,
@@ -197,51 +193,27 @@ class CausalLMAdapter:
         max_new_tokens: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        engine: str = "hf",
+        mixture: tuple[Any, float] | None = None,
+        prompts: tuple[Tensor, Tensor] | None = None,
     ) -> Rollout:
-        """On-policy sampling with a KV cache; temperature 0 is greedy."""
+        """On-policy sampling through the generation engine; temperature 0 is greedy.
+        `mixture=(teacher, beta)`: each token is the teacher's with probability beta (DAgger)."""
         model_was_training = model.training
         model.eval()
-        prompt_ids, prompt_attn = self.encode_prompts(questions)
-        B, P = prompt_ids.shape
-        kw = _cache_kw(unwrap(model))
-        pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = _get_cache(out)
-        attn = prompt_attn
-        next_pos = pos[:, -1:] + 1
-        tokens, logps = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        alive = []
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1, : self.vocab_size].float()
-            if temperature > 0:
-                logp_all = F.log_softmax(logits / temperature, dim=-1)
-                tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-            else:
-                logp_all = F.log_softmax(logits, dim=-1)
-                tok = logits.argmax(-1)
-            lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-            alive.append(~done)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            tokens.append(tok)
-            logps.append(torch.where(done, torch.zeros_like(lp), lp))
-            done = done | (tok == self.eos_id)
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, (~done | (tok == self.eos_id)).long()[:, None]], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{kw: cache})
-            cache = _get_cache(out)
-            next_pos = next_pos + 1
+        prompt_ids, prompt_attn = prompts if prompts is not None else self.encode_prompts(questions)
+        gen = self.engine(engine).generate(model, prompt_ids, prompt_attn, max_new_tokens, temperature, generator, mixture=mixture)
         model.train(model_was_training)
-        tokens_B_T = torch.stack(tokens, 1)
-        mask_B_T = torch.stack(alive, 1).float()
-        return Rollout(
-            context=Context(list(questions), P),
+        rollout = Rollout(
+            context=Context(list(questions), prompt_ids.shape[1]),
             steps={"prompt_ids": prompt_ids, "prompt_attn": prompt_attn},
-            actions=tokens_B_T,
-            mask_B_T=mask_B_T,
-            behavior_logp_B_T=torch.stack(logps, 1),
+            actions=gen.tokens_B_T,
+            mask_B_T=gen.mask_B_T,
+            behavior_logp_B_T=gen.logp_B_T,
         )
+        if gen.from_teacher_B_T is not None:
+            rollout.extras["from_teacher_B_T"] = gen.from_teacher_B_T
+        return rollout
 
     def dataset_rollout(self, questions: list[str], completions: list[str]) -> Rollout:
         """Gold or teacher-written completions as a rollout (behaviour log-probs unknown: zeros)."""
