@@ -81,6 +81,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    device: str | None = None  # e.g. "cuda:1": keep this (teacher) model on another device; scores are moved to the student's
     cross_tokenizer: bool = False  # a teacher with its own tokenizer (a `path` checkpoint): X-Token projection to the run's
 
 
@@ -124,6 +125,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine / linear schedules decay to lr * min_lr_ratio
     save_every: int = 50
     chunk_size: int = 1024  # rows of logits materialised at once in divergences
+    teacher_batch_size: int | None = None  # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
 
 
 @dataclass
@@ -533,7 +535,7 @@ def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> Non
 def _check_positive(st: StageConfig, where: str) -> None:
     for section, key, low in (
         ("train", "steps", 0), ("train", "batch_size", 1), ("train", "micro_batch_size", 1), ("train", "log_every", 1),
-        ("train", "chunk_size", 1), ("train", "updates_per_rollout", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
+        ("train", "chunk_size", 1), ("train", "teacher_batch_size", 1), ("train", "updates_per_rollout", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
         ("rollout", "group_size", 1), ("rollout", "max_new_tokens", 1), ("rollout", "temperature", 0.0),
         ("eval", "n", 1), ("eval", "batch_size", 1), ("eval", "k", 1), ("eval", "max_new_tokens", 1), ("eval", "temperature", 0.0),
         ("rollout", "num_steps", 1), ("rollout", "noise_level", 0.0), ("eval", "num_steps", 1), ("eval", "grid", 0),

@@ -63,6 +63,7 @@ def _load_builtins() -> None:
     for mod in (
         "mmdistill.objectives.registered",
         "mmdistill.objectives.registered_text",
+        "mmdistill.objectives.registered_guided",
         "mmdistill.modalities.text.adapter",
         "mmdistill.modalities.text.registered_tasks",
         "mmdistill.modalities.text.lightning",  # Lightning OPD: teacher shards task and objective

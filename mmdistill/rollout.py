@@ -48,10 +48,17 @@ class Rollout:
     def with_rewards(self, rewards_B: Tensor) -> "Rollout":
         return replace(self, rewards_B=rewards_B)
 
-    def select(self, sl: slice) -> "Rollout":
-        """Rows `sl` of the batch (micro-batches for gradient accumulation)."""
+    def select(self, sl: "slice | Tensor") -> "Rollout":
+        """Rows `sl` (a slice, or a 1-D tensor of row indices) of the batch: micro-batches, routed sub-batches."""
         B = self.batch_size
         return Rollout(**{f: _take(getattr(self, f), sl, B) for f in self.__dataclass_fields__})
+
+    def teacher_view(self) -> "Rollout":
+        """The rollout as the teacher sees it: the same actions after another context when the adapter
+        stored one in `extras["teacher_steps"]` (privileged context: OPSD), else the rollout itself."""
+        if "teacher_steps" not in self.extras:
+            return self
+        return replace(self, steps=self.extras["teacher_steps"])
 
     def to(self, device: torch.device | str) -> "Rollout":
         def move(x: Any) -> Any:
@@ -74,9 +81,39 @@ def _take(x: Any, sl: slice, B: int) -> Any:
     if isinstance(x, Tensor):
         return x[sl] if x.dim() > 0 and x.shape[0] == B else x
     if isinstance(x, list) and len(x) == B:
-        return x[sl]
+        return [x[i] for i in sl.tolist()] if isinstance(sl, Tensor) else x[sl]
     if isinstance(x, dict):
         return {k: _take(v, sl, B) for k, v in x.items()}
     if hasattr(x, "__dataclass_fields__") and not isinstance(x, type):
         return replace(x, **{f: _take(getattr(x, f), sl, B) for f in x.__dataclass_fields__})
     return x
+
+
+@dataclass
+class TeacherGuidance:
+    """What an objective asks the adapter for besides the student's rollout: teacher rollouts
+    appended to the batch (BRTS: always, the best of `n`; AMPO: only for prompts where every
+    student rollout failed).  Candidates rank correct first, then by the student's mean
+    log-prob of them; the top `keep` join their prompt's group, flagged extras["from_teacher_B"]."""
+
+    n: int = 2  # teacher samples per chosen prompt
+    keep: int = 1  # how many of them join the batch
+    when: str = "always"  # "always" or "all_failed"
+    threshold: float = 0.5  # reward that counts as correct
+    only_correct: bool = False  # drop selected teacher rollouts that are wrong
+
+    def __post_init__(self) -> None:
+        if self.when not in ("always", "all_failed"):
+            raise ValueError(f"objective: teacher guidance `when` must be 'always' or 'all_failed', got {self.when!r}")
+        if not 1 <= self.keep <= self.n:
+            raise ValueError(f"objective: keep={self.keep} teacher rollouts must lie in 1..n={self.n}")
+
+
+def select_guidance(correct_G_n: Tensor, align_G_n: Tensor, keep: int, only_correct: bool = False) -> list[list[int]]:
+    """For each of G prompts, the indices (into its n candidates) of the `keep` teacher rollouts
+    to use: correct ones first, ties broken by the student's alignment (higher first)."""
+    picked = []
+    for correct_n, align_n in zip(correct_G_n.bool().tolist(), align_G_n.tolist()):
+        order = sorted(range(len(correct_n)), key=lambda i: (not correct_n[i], -align_n[i]))[:keep]
+        picked.append([i for i in order if correct_n[i] or not only_correct])
+    return picked

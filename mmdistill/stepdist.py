@@ -110,6 +110,21 @@ class HiddenCategorical:
     def rows(self) -> Tensor:
         return self.hidden_B_T_H[self.mask_B_T.bool()]
 
+    def select(self, idx: "Tensor | slice") -> "HiddenCategorical":
+        """The same distribution on batch rows `idx` (micro-batches of a teacher scored in one large batch; routing)."""
+        return HiddenCategorical(
+            self.hidden_B_T_H[idx], self.head_weight_V_H, self.mask_B_T[idx], vocab_size=self.vocab_size,
+            temperature=self.temperature, chunk_size=self.chunk_size, head_bias_V=self.head_bias_V,
+        )
+
+    def to(self, device: torch.device | str) -> "HiddenCategorical":
+        """Move a teacher scored on another device next to the student (hidden states and head)."""
+        bias = self.head_bias_V.to(device) if self.head_bias_V is not None else None
+        return HiddenCategorical(
+            self.hidden_B_T_H.to(device), self.head_weight_V_H.to(device), self.mask_B_T.to(device), vocab_size=self.vocab_size,
+            temperature=self.temperature, chunk_size=self.chunk_size, head_bias_V=bias,
+        )
+
     def log_prob(self, actions_B_T: Tensor) -> Tensor:
         lp_N = chunked_token_logp(
             self.rows(), self.head_weight_V_H, actions_B_T[self.mask_B_T.bool()],
@@ -117,8 +132,10 @@ class HiddenCategorical:
         )
         return _scatter(lp_N, self.mask_B_T)
 
-    def divergence(self, teacher: "HiddenCategorical | TopKCategorical", beta: float) -> Tensor:
+    def divergence(self, teacher: "HiddenCategorical | TopKCategorical | RoutedCategorical", beta: float) -> Tensor:
         """Per-step generalized JSD with self as student (beta=0 forward KL(T||S), 1 reverse KL(S||T))."""
+        if isinstance(teacher, RoutedCategorical):
+            return teacher.combine(lambda rows, part: self.select(rows).divergence(part, beta))
         if isinstance(teacher, TopKCategorical):
             return self._topk_divergence(teacher, beta)
         vocab = self.vocab_size or teacher.vocab_size
@@ -171,6 +188,53 @@ class HiddenCategorical:
             outs.append(checkpoint(chunk, rows[sl], self.head_weight_V_H, use_reentrant=False))
         d_N = torch.cat(outs) if outs else rows.new_zeros(0)
         return _scatter(d_N, self.mask_B_T)
+
+
+class RoutedCategorical:
+    """Several teachers, each owning some batch rows (multi-teacher routing by task tag).
+
+    `parts` is a list of (row indices, that teacher's StepDist on those rows); every row
+    belongs to exactly one part.  Per-step results are assembled back into `[B, T]`.
+    """
+
+    def __init__(self, parts: list[tuple[Tensor, object]], mask_B_T: Tensor):
+        self.parts, self.mask_B_T = parts, mask_B_T
+
+    def combine(self, fn) -> Tensor:  # fn(rows, part_dist) -> [len(rows), T]
+        out_B_T = None
+        for rows, part in self.parts:
+            vals = fn(rows, part)
+            if out_B_T is None:
+                out_B_T = vals.new_zeros(self.mask_B_T.shape)
+            out_B_T[rows] = vals
+        return out_B_T
+
+    def log_prob(self, actions_B_T: Tensor) -> Tensor:
+        return self.combine(lambda rows, part: part.log_prob(actions_B_T[rows]))
+
+    def entropy(self) -> Tensor:
+        return self.combine(lambda rows, part: part.entropy())
+
+    def kl(self, other: StepDist) -> Tensor:  # pragma: no cover - teachers are never the student side
+        raise NotImplementedError("routed teachers are only the target of a divergence; call student.divergence(teacher)")
+
+    def topk(self, k: int) -> "RoutedCategorical":
+        return RoutedCategorical([(rows, part.topk(k)) for rows, part in self.parts], self.mask_B_T)
+
+    def select(self, idx: "Tensor | slice") -> "RoutedCategorical":
+        B = self.mask_B_T.shape[0]
+        keep_B = torch.zeros(B, dtype=torch.bool, device=self.mask_B_T.device)
+        keep_B[idx] = True
+        new_index_B = keep_B.long().cumsum(0) - 1
+        parts = []
+        for rows, part in self.parts:
+            mine = rows[keep_B[rows]]
+            if mine.numel():
+                parts.append((new_index_B[mine], part.select(torch.searchsorted(rows, mine))))
+        return RoutedCategorical(parts, self.mask_B_T[idx])
+
+    def to(self, device: torch.device | str) -> "RoutedCategorical":
+        return RoutedCategorical([(rows.to(device), part.to(device)) for rows, part in self.parts], self.mask_B_T.to(device))
 
 
 class TopKCategorical:

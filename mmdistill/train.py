@@ -206,11 +206,14 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         gen = torch.Generator(device=adapter.device).manual_seed(step_seed(cfg.seed, st.name, step, "sample"))
         problems = [p for p in sample_train(task, rng, prompts_per_step) for _ in range(group)]
         source = objective.pick_source(rng)
+        if hasattr(objective, "set_step"):  # schedules inside the objective (DAgger's annealed mixture)
+            objective.set_step(step, tc.steps)
 
         # 1. rollout
         with autocast:
             rollout = adapter.rollout(source, acc.unwrap_model(student), teacher, task, problems, rc, gen, objective)
-        rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
+        if rollout.group_ids_B is None:  # adapters that append teacher rollouts set the groups themselves
+            rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
         rollout.extras["seed"] = step_seed(cfg.seed, st.name, step, "prepare")
         if hasattr(objective, "prepare"):
             objective.prepare(rollout)
@@ -219,6 +222,11 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         # 2-4. score, objective, backward (micro-batches, normalised by the global step count)
         sums: dict[str, float] = {}
         loss_total = 0.0
+        teacher_all = None  # the teacher scored once over `teacher_batch_size` rows, sliced per micro-batch
+        scores_teacher = teacher is not None and objective.scores_with_teacher
+        if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= rollout.batch_size > micro:
+            with autocast, torch.no_grad():
+                teacher_all = adapter.step_dist(teacher, rollout.teacher_view(), temperature=score_temperature)
         for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
             for i in range(0, rollout.batch_size, micro):
                 mb = rollout.select(slice(i, i + micro))
@@ -226,8 +234,12 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                     student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
                     teacher_dist = ref_dist = anchor_dist = None
                     with torch.no_grad():
-                        if teacher is not None and objective.scores_with_teacher:
-                            teacher_dist = adapter.step_dist(teacher, mb, temperature=score_temperature)
+                        if teacher_all is not None:
+                            teacher_dist = teacher_all.select(slice(i, i + micro))
+                        elif scores_teacher:
+                            teacher_dist = adapter.step_dist(teacher, mb.teacher_view(), temperature=score_temperature)
+                        elif getattr(objective, "self_teacher", False):  # OPSD: the student itself, given privileged context
+                            teacher_dist = adapter.step_dist(acc.unwrap_model(student), mb.teacher_view(), temperature=score_temperature)
                         if reference is not None:
                             ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
                         if anchor is not None:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmdistill.config import LoraConfig, ModelConfig, TinyLMConfig, TokenizerConfig
 from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
 from mmdistill.registry import ADAPTERS
-from mmdistill.rollout import Rollout
-from mmdistill.stepdist import HiddenCategorical
+from mmdistill.rollout import Rollout, select_guidance
+from mmdistill.stepdist import HiddenCategorical, RoutedCategorical
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # default LoRA targets (attention projections)
 
@@ -38,6 +39,7 @@ class Context:
 
     questions: list[str]
     prompt_len: int  # P: prompts are left-padded to this length
+    tags: list[str | None] | None = None  # each problem's routing tag (problem.meta["tag"]), for multi-teacher routing
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,6 +56,7 @@ class CausalLMAdapter:
     """One tokenizer shared by teacher and student; models are passed to each call."""
 
     tiny_config = TinyLMConfig  # what `models.NAME.tiny` is checked against
+    supports_routing = True  # `teachers: {tag: model}` routes each problem to the teacher of its meta["tag"]
 
     def __init__(self, tokenizer: Any, device: torch.device | str = "cpu", chunk_size: int = 1024):
         self.tokenizer = tokenizer
@@ -109,7 +112,7 @@ class CausalLMAdapter:
             check_model_tokenizer(model, self.tokenizer, cfg.path)
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora)
-        return model.to(self.device)
+        return model.to(cfg.device or self.device)
 
     def prune_layers(self, model: torch.nn.Module, keep_layers: list[int], lora: LoraConfig | None = None, name: str = "model") -> torch.nn.Module:
         """A copy of `model` with only `keep_layers` of its decoder (layer dropping)."""
@@ -235,18 +238,94 @@ class CausalLMAdapter:
 
     def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:
         """The training loop's rollout: student or teacher samples scored by the task's verifier,
-        or the dataset's own completions (`source="dataset"`)."""
+        or the dataset's own completions (`source="dataset"`).  What the objective declares adds to it:
+        `mixture_beta` (DAgger: tokens drawn from the teacher with that probability), `privileged_context`
+        (OPSD: the teacher's view sees the reference solution), `teacher_guidance` (BRTS / AMPO: teacher
+        rollouts appended to the batch, flagged in extras["from_teacher_B"])."""
         questions = [p.question for p in problems]
         if source == "dataset" and hasattr(problems[0], "completion_ids"):  # stored token ids and teacher top-k (Lightning OPD)
             from mmdistill.modalities.text.lightning import shard_rollout
 
             return shard_rollout(self, problems)
         if source == "dataset":
-            return self.dataset_rollout(questions, [p.solution for p in problems])
-        rollout = self.sample(student if source == "student" else teacher, questions, rc.max_new_tokens, rc.temperature, gen)
-        texts = self.decode(rollout)
-        rollout.rewards_B = torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=self.device)
+            rollout = self.dataset_rollout(questions, [p.solution for p in problems])
+        else:
+            model = student if source == "student" else teacher
+            beta = getattr(objective, "mixture_beta", None)
+            mixture = None
+            if beta is not None and source == "student":
+                if isinstance(teacher, dict):
+                    raise ConfigError("a DAgger mixture samples from one teacher; use `teacher`, not `teachers`")
+                mixture = (teacher, beta)
+            rollout = self.sample(model, questions, rc.max_new_tokens, rc.temperature, gen, engine=rc.engine, mixture=mixture)
+            rollout.rewards_B = self.rewards(task, problems, rollout)
+        rollout.context.tags = [p.meta.get("tag") for p in problems]
+        if getattr(objective, "privileged_context", False):
+            rollout.extras["teacher_steps"] = self.privileged_prompts(problems, objective.privileged_template)
+        guidance = getattr(objective, "teacher_guidance", None)
+        if guidance is not None and source == "student":
+            rollout = self.add_teacher_rollouts(rollout, student, teacher, task, problems, rc, gen, guidance)
         return rollout
+
+    def rewards(self, task: Any, problems: list, rollout: Rollout) -> Tensor:
+        texts = self.decode(rollout)
+        return torch.tensor([task.reward(p, t) for p, t in zip(problems, texts)], device=self.device)
+
+    def privileged_prompts(self, problems: list, template: str = "{solution}\n{question}") -> dict[str, Tensor]:
+        """Prompts that also show the reference solution (OPSD's teacher context), e.g.
+        "Reference solution: {solution}\n\nNow solve: {question}" for a chat model."""
+        texts = [template.format(solution=p.solution, question=p.question, answer=p.answer) for p in problems]
+        ids, attn = self.encode_prompts(texts)
+        return {"prompt_ids": ids, "prompt_attn": attn}
+
+    @torch.no_grad()
+    def mean_logp(self, model: Any, rollout: Rollout) -> Tensor:
+        """Each row's mean token log-prob under `model` (how well the model 'understands' a completion)."""
+        lp_B_T = self.step_dist(model, rollout).log_prob(rollout.actions)
+        return (lp_B_T * rollout.mask_B_T).sum(1) / rollout.mask_B_T.sum(1).clamp(min=1)
+
+    def add_teacher_rollouts(self, rollout: Rollout, student: Any, teacher: Any, task: Any, problems: list, rc: Any,
+                             gen: Any, guidance: Any) -> Rollout:
+        """Append selected teacher rollouts to a student rollout (groups of `rc.group_size` rows per prompt).
+
+        For each prompt whose group qualifies (`guidance.when`: "always", or "all_failed" = no student
+        rollout reached `guidance.threshold`), the teacher samples `guidance.n` completions; they are
+        ranked correct first, then by the student's mean log-prob of them (best aligned / most
+        comprehensible first), and the top `guidance.keep` join the batch in the prompt's group.
+        """
+        g = rc.group_size
+        B = rollout.batch_size
+        rewards_G_g = rollout.rewards_B.view(-1, g)
+        group_ids_B = torch.arange(B // g, device=self.device).repeat_interleave(g)
+        rollout.group_ids_B = group_ids_B
+        rollout.extras["from_teacher_B"] = torch.zeros(B, dtype=torch.bool, device=self.device)
+        if guidance.when == "all_failed":
+            chosen = (rewards_G_g.max(1).values < guidance.threshold).nonzero().flatten().tolist()
+        else:
+            chosen = list(range(B // g))
+        if not chosen:
+            return rollout
+        if teacher is None or isinstance(teacher, dict):
+            raise ConfigError("teacher guidance samples from one teacher; set the stage's `teacher`")
+        cand_problems = [problems[k * g] for k in chosen for _ in range(guidance.n)]
+        cand = self.sample(teacher, [p.question for p in cand_problems], rc.max_new_tokens, rc.temperature, gen, engine=rc.engine)
+        cand.rewards_B = self.rewards(task, cand_problems, cand)
+        was_training = student.training
+        student.eval()
+        align_B = self.mean_logp(student, cand)
+        student.train(was_training)
+        correct_B = cand.rewards_B >= guidance.threshold
+        per_prompt = select_guidance(correct_B.view(len(chosen), guidance.n), align_B.view(len(chosen), guidance.n),
+                                     guidance.keep, guidance.only_correct)
+        keep_list = [k * guidance.n + i for k, idx in enumerate(per_prompt) for i in idx]
+        if not keep_list:
+            return rollout
+        keep = torch.tensor(keep_list, dtype=torch.long, device=self.device)
+        picked = cand.select(keep)
+        picked.context.tags = [cand_problems[i].meta.get("tag") for i in keep.tolist()]
+        picked.group_ids_B = torch.tensor([chosen[i // guidance.n] for i in keep.tolist()], device=self.device)
+        picked.extras = {"from_teacher_B": torch.ones(keep.numel(), dtype=torch.bool, device=self.device)}
+        return cat_rollouts(rollout, picked, self.pad_id)
 
     def decode(self, rollout: Rollout) -> list[str]:
         out = []
@@ -257,25 +336,83 @@ class CausalLMAdapter:
 
     # ------------------------------------------------------------------ re-scoring
 
-    def step_dist(self, model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> HiddenCategorical:
-        """Re-score `model` on the rollout's states: hidden states at every completion step + LM head."""
+    def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Any:
+        """Re-score `model` on the rollout's states: hidden states at every completion step + LM head.
+        A dict {tag: model} routes each row to the teacher of its tag; a model on another device
+        (models.X.device) scores there and its result is moved next to the student."""
+        if isinstance(model, dict):
+            return self._routed_step_dist(model, rollout, temperature)
         if hasattr(model, "cross_tokenizer_step_dist"):  # a teacher with another tokenizer (X-Token)
             return model.cross_tokenizer_step_dist(self, rollout, temperature)
-        prompt_ids, prompt_attn = rollout.steps["prompt_ids"], rollout.steps["prompt_attn"]
+        dev = next(model.parameters()).device
+        prompt_ids, prompt_attn = rollout.steps["prompt_ids"].to(dev), rollout.steps["prompt_attn"].to(dev)
+        actions, mask_B_T = rollout.actions.to(dev), rollout.mask_B_T.to(dev)
         P = prompt_ids.shape[1]
-        ids = torch.cat([prompt_ids, rollout.actions], 1)
-        attn = torch.cat([prompt_attn, rollout.mask_B_T.long()], 1)
+        ids = torch.cat([prompt_ids, actions], 1)
+        attn = torch.cat([prompt_attn, mask_B_T.long()], 1)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         base = unwrap(model)
         decoder = base.get_decoder()
         hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-        T = rollout.actions.shape[1]
+        T = actions.shape[1]
         hidden_B_T_H = hidden[:, P - 1 : P - 1 + T]
         head = base.get_output_embeddings()
-        return HiddenCategorical(
-            hidden_B_T_H, head.weight, rollout.mask_B_T, vocab_size=self.vocab_size,
+        dist = HiddenCategorical(
+            hidden_B_T_H, head.weight, mask_B_T, vocab_size=self.vocab_size,
             temperature=temperature, chunk_size=self.chunk_size, head_bias_V=getattr(head, "bias", None),
         )
+        return dist if dev == self.device else dist.to(self.device)
+
+    def _routed_step_dist(self, teachers: dict[str, Any], rollout: Rollout, temperature: float) -> RoutedCategorical:
+        tags = getattr(rollout.context, "tags", None)
+        if tags is None or any(t is None for t in tags):
+            raise ConfigError(
+                "routing to several teachers needs each problem's tag (problem.meta['tag']); "
+                "use a task that tags its problems, e.g. task: {type: mixture, tasks: {tag: {...}}}"
+            )
+        unknown = sorted(set(tags) - set(teachers))
+        if unknown:
+            raise ConfigError(f"problems tagged {unknown} have no teacher; the stage's teachers are {sorted(teachers)}: add one per tag")
+        parts = []
+        for name, model in teachers.items():
+            rows = torch.tensor([i for i, t in enumerate(tags) if t == name], dtype=torch.long, device=self.device)
+            if rows.numel():
+                parts.append((rows, self.step_dist(model, rollout.select(rows), temperature)))
+        return RoutedCategorical(parts, rollout.mask_B_T)
+
+
+def cat_rollouts(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
+    """Rows of `b` after rows of `a`: prompts re-left-padded, completions right-padded to a common length."""
+    P = max(a.steps["prompt_ids"].shape[1], b.steps["prompt_ids"].shape[1])
+    T = max(a.actions.shape[1], b.actions.shape[1])
+
+    def left(x: Tensor, value: int) -> Tensor:
+        return F.pad(x, (P - x.shape[1], 0), value=value)
+
+    def right(x: Tensor, value: float) -> Tensor:
+        return F.pad(x, (0, T - x.shape[1]), value=value)
+
+    def both(fa: Any, fb: Any) -> Any:  # batch-major extras; per-step ones are right-padded
+        if not (isinstance(fa, Tensor) and isinstance(fb, Tensor)) or fa.dim() == 0:
+            return None
+        if fa.dim() == 2 and fa.shape[1] == a.actions.shape[1] and fb.shape[1] == b.actions.shape[1]:
+            return torch.cat([right(fa, 0), right(fb, 0)])
+        return torch.cat([fa, fb]) if fa.shape[1:] == fb.shape[1:] else None
+
+    ctx_a, ctx_b = a.context, b.context
+    tags = None if ctx_a.tags is None or ctx_b.tags is None else ctx_a.tags + ctx_b.tags
+    extras = {k: both(a.extras[k], b.extras[k]) for k in a.extras.keys() & b.extras.keys()}
+    rewards = None if a.rewards_B is None or b.rewards_B is None else torch.cat([a.rewards_B, b.rewards_B])
+    groups = None if a.group_ids_B is None or b.group_ids_B is None else torch.cat([a.group_ids_B, b.group_ids_B])
+    return Rollout(
+        context=Context(ctx_a.questions + ctx_b.questions, P, tags),
+        steps={"prompt_ids": torch.cat([left(a.steps["prompt_ids"], pad_id), left(b.steps["prompt_ids"], pad_id)]),
+               "prompt_attn": torch.cat([left(a.steps["prompt_attn"], 0), left(b.steps["prompt_attn"], 0)])},
+        actions=torch.cat([right(a.actions, pad_id), right(b.actions, pad_id)]),
+        mask_B_T=torch.cat([right(a.mask_B_T, 0.0), right(b.mask_B_T, 0.0)]),
+        behavior_logp_B_T=torch.cat([right(a.behavior_logp_B_T, 0.0), right(b.behavior_logp_B_T, 0.0)]),
+        rewards_B=rewards, group_ids_B=groups, extras={k: v for k, v in extras.items() if v is not None},
+    )
 
 
 # ---------------------------------------------------------------------- builders

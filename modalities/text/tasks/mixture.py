@@ -1,0 +1,65 @@
+"""A mixture of text tasks whose problems carry a routing tag (multi-teacher distillation by task).
+
+    task: {type: mixture, tasks: {add: {type: arith, ops: "+"}, sub: {type: arith, ops: "-"}}}
+
+Every problem's `meta["tag"]` names the task it came from; a stage with
+`teachers: {add: teacher_add, sub: teacher_sub}` routes each problem to its tag's teacher.
+Training problems are drawn task by task with probability `weights` (default equal); test
+problems are the tasks' own, `n` split evenly, so every task is measured on its held-out side.
+
+    python -c "from mmdistill.modalities.text.tasks.mixture import MixtureTask; t = MixtureTask({'a': {'type': 'arith'}}); print(t.problems('test', 2))"
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+from . import Problem, check_split
+
+
+class MixtureTask:
+    """Problems from several tasks, each tagged with its task's name."""
+
+    def __init__(self, tasks: dict[str, dict[str, Any]], weights: dict[str, float] | None = None):
+        from mmdistill.train import build_task
+
+        if not tasks:
+            raise ValueError("task.tasks is empty; give {tag: task spec}, e.g. {add: {type: arith, ops: '+'}}")
+        self.tasks = {tag: build_task(spec) for tag, spec in tasks.items()}
+        weights = weights or {tag: 1.0 for tag in tasks}
+        if set(weights) != set(tasks) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"task.weights must give a non-negative weight to each of {sorted(tasks)}")
+        total = sum(weights.values())
+        self.weights = {tag: w / total for tag, w in weights.items()}
+
+    @staticmethod
+    def _tagged(p: Problem, tag: str) -> Problem:
+        return dataclasses.replace(p, meta={**p.meta, "tag": tag})
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        check_split(split)
+        tags = list(self.tasks)
+        out: list[Problem] = []
+        for i, tag in enumerate(tags):
+            k = None if n is None else n // len(tags) + (1 if i < n % len(tags) else 0)
+            out += [self._tagged(p, tag) for p in self.tasks[tag].problems(split, k, seed=seed)]
+        return out
+
+    def sample_train(self, rng: random.Random) -> Problem:
+        tag = rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
+        task = self.tasks[tag]
+        p = task.sample_train(rng) if hasattr(task, "sample_train") else rng.choice(task.problems("train"))
+        return self._tagged(p, tag)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        tag = problem.meta.get("tag")
+        if tag not in self.tasks:
+            raise ValueError(f"problem has tag {tag!r}, not one of this mixture's tasks {sorted(self.tasks)}")
+        return self.tasks[tag].reward(problem, completion)
+
+    def vocabulary(self) -> list[str]:
+        return sorted(set().union(*(t.vocabulary() for t in self.tasks.values())))
+
+    def summary(self) -> str:
+        return "mixture of " + ", ".join(f"{tag} ({w:.2f})" for tag, w in self.weights.items())
