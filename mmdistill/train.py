@@ -227,6 +227,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= rollout.batch_size > micro:
             with autocast, torch.no_grad():
                 teacher_all = adapter.step_dist(teacher, rollout.teacher_view(), temperature=score_temperature)
+            if not hasattr(teacher_all, "select"):  # a distribution that cannot be sliced by rows: score per micro-batch
+                teacher_all = None
         for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
             for i in range(0, rollout.batch_size, micro):
                 mb = rollout.select(slice(i, i + micro))
