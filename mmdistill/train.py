@@ -159,6 +159,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     stage_dir.mkdir(parents=True, exist_ok=True)
     task = ctx.build_task(st.task)
     objective = build_objective(st.objective, f"stages.{st.name}")
+    if hasattr(objective, "check_teacher"):  # Lightning OPD: the named teacher wrote the shards (sha256 of its weights)
+        objective.check_teacher(ctx, st, task)
     tc, rc = st.train, st.rollout
     adapter.chunk_size = tc.chunk_size
     torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
