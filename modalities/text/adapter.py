@@ -81,7 +81,7 @@ class CausalLMAdapter:
 
         from mmdistill.modalities.text.tokenizer import build_word_tokenizer
 
-        path = cfg.path or next((m.path for m in models.values() if m.path is not None), None)
+        path = cfg.path or next((m.path for m in models.values() if m.path is not None and not m.cross_tokenizer), None)
         if path is not None:
             try:
                 tok = AutoTokenizer.from_pretrained(path)
