@@ -157,19 +157,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mmdistill import bench
+    from mmdistill import bench, bench_text
 
-    fn = bench.BENCHES.get(args.name)
+    benches = {**bench.BENCHES, **bench_text.BENCHES}
+    fn = benches.get(args.name)
     if fn is None:
-        raise MmdistillError(f"unknown benchmark '{args.name}'; known: {', '.join(sorted(bench.BENCHES))}")
+        raise MmdistillError(f"unknown benchmark '{args.name}'; known: {', '.join(sorted(benches))}")
     out = Path(args.out or f"bench/{args.name}.json")
     extra = {"workers": args.workers} if args.workers else {}
+    if extra and args.name != "libero-throughput":
+        raise MmdistillError(f"--workers applies to libero-throughput only, not to '{args.name}'; drop it")
     result = fn(device=args.device, quick=args.quick, **extra)
     from mmdistill.checkpoint import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list) and k not in ("setup", "times")}, indent=1))
+    if args.name in bench_text.PLOTS:
+        bench_text.PLOTS[args.name](result, out.with_suffix(".png"))
+        print(f"written: {out.with_suffix('.png')}")
+    long = ("setup", "times", "profile_top", "methods", "method", "parts", "equal_work", "differences")
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list) and k not in long}, indent=1))
     print(f"written: {out}")
     return 0
 
@@ -226,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="speed / memory benchmarks, written as JSON")
-    b.add_argument("name", help="flow-sampling | libero-throughput")
+    b.add_argument("name", help="flow-sampling | libero-throughput | text-step | text-loss-memory")
     b.add_argument("--out", help="output JSON (default bench/NAME.json)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    b.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke)")
+    b.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes (CI smoke)")
     b.add_argument("--workers", type=int, help="libero-throughput: the N of 1 vs N worker processes (default: the CPU count, 2..8)")
     b.set_defaults(fn=cmd_bench)
 

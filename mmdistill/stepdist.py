@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmdistill.objectives.divergence import (
+    _rows_per_chunk,
     chunked_divergence,
     chunked_entropy,
     chunked_token_logp,
@@ -158,11 +159,14 @@ class HiddenCategorical:
         )
         return _scatter(e_N, self.mask_B_T)
 
+    def _rows_per_chunk(self) -> int:
+        return _rows_per_chunk(self.chunk_size, self.vocab_size or self.head_weight_V_H.shape[0])
+
     def topk(self, k: int) -> "TopKCategorical":
         """The teacher side of a top-k + tail divergence (no gradient)."""
         idx, vals, tails = [], [], []
         with torch.no_grad():
-            for h in self.rows().split(self.chunk_size):
+            for h in self.rows().split(self._rows_per_chunk()):
                 logits = F.linear(h, self.head_weight_V_H, self.head_bias_V)
                 if self.vocab_size is not None:
                     logits = logits[:, : self.vocab_size]
@@ -173,8 +177,9 @@ class HiddenCategorical:
     def _topk_divergence(self, teacher: "TopKCategorical", beta: float) -> Tensor:
         rows = self.rows()
         outs = []
-        for start in range(0, rows.shape[0], self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
+        step = self._rows_per_chunk()
+        for start in range(0, rows.shape[0], step):
+            sl = slice(start, start + step)
 
             def chunk(h: Tensor, w: Tensor, sl: slice = sl) -> Tensor:
                 logits = F.linear(h, w, self.head_bias_V)

@@ -275,6 +275,84 @@ def _divergence_chunk(
     return _jsd_from_logp(student_logp, teacher_logp, beta)
 
 
+
+LOGITS_BUDGET = 1 << 25  # elements of one [chunk, V] logits buffer (128 MiB in fp32): caps rows per chunk for large V
+
+
+def _rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
+    """`chunk_size` rows, fewer when V is large (1024 rows x 151,936 would be 0.58 GiB per buffer)."""
+    return min(chunk_size, max(16, LOGITS_BUDGET // max(vocab_size, 1)))
+
+
+def _kl_chunk_grad(zS, zT, beta: float, grad_out_C: torch.Tensor | None):
+    """Per-row KL of one chunk from tempered logits, and d(sum go_c KL_c)/d zS, in three [C, V] buffers.
+
+    beta = 1 (reverse KL(S||T)): d KL / d zS = p_S (log p_S - log p_T - KL);
+    beta = 0 (forward KL(T||S)): d KL / d zS = p_S - p_T.
+    """
+    logpS = F.log_softmax(zS, dim=-1)
+    logpT = F.log_softmax(zT, dim=-1)
+    if beta == 1.0:
+        diff = logpS - logpT  # log p_S - log p_T
+        pS = logpS.exp_()
+        kl = (pS * diff).sum(-1)
+        if grad_out_C is None:
+            return kl, None
+        return kl, diff.sub_(kl[:, None]).mul_(pS).mul_(grad_out_C[:, None])
+    diff = logpT - logpS
+    pT = logpT.exp_()
+    kl = (pT * diff).sum(-1)
+    if grad_out_C is None:
+        return kl, None
+    return kl, logpS.exp_().sub_(pT).mul_(grad_out_C[:, None])
+
+
+class _LeanKL(torch.autograd.Function):
+    """Per-token forward or reverse KL `[N]` from hidden states and heads with a hand-written backward.
+
+    The forward keeps no logits; the backward recomputes each chunk's logits once and forms the
+    gradient in place (three `[chunk, V]` buffers), instead of autograd's many temporaries."""
+
+    @staticmethod
+    def forward(ctx, hS, WS, bS, hT, WT, bT, beta, temperature, vocab_size, dtype, chunk):
+        ctx.save_for_backward(hS, WS, bS, hT, WT, bT)
+        ctx.cfg = (beta, temperature, vocab_size, dtype, chunk)
+        out = []
+        with torch.no_grad():
+            for start in range(0, hS.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                zS = _head_logits(hS[sl], WS, bS, vocab_size, temperature, dtype)
+                zT = _head_logits(hT[sl], WT, bT, vocab_size, temperature, dtype)
+                out.append(_kl_chunk_grad(zS, zT, beta, None)[0])
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out_N):
+        hS, WS, bS, hT, WT, bT = ctx.saved_tensors
+        beta, temperature, vocab_size, dtype, chunk = ctx.cfg
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bS is not None and ctx.needs_input_grad[2]
+        g_h = torch.zeros_like(hS) if need_h else None
+        g_W = torch.zeros(WS.shape, dtype=dtype, device=WS.device) if need_W else None
+        g_b = torch.zeros(bS.shape, dtype=dtype, device=bS.device) if need_b else None
+        with torch.no_grad():
+            for start in range(0, hS.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                zS = _head_logits(hS[sl], WS, bS, vocab_size, temperature, dtype)
+                zT = _head_logits(hT[sl], WT, bT, vocab_size, temperature, dtype)
+                _, g_z = _kl_chunk_grad(zS, zT, beta, grad_out_N[sl].to(dtype))
+                g_z = g_z.div_(temperature)  # d z / d logits = 1 / temperature
+                if g_h is not None:
+                    g_h[sl] = (g_z @ WS[:vocab_size].to(dtype)).to(hS.dtype)
+                if g_W is not None:
+                    g_W[:vocab_size].addmm_(g_z.T, hS[sl].to(dtype))
+                if g_b is not None:
+                    g_b[:vocab_size] += g_z.sum(0)
+                del zS, zT, g_z
+        return (g_h, None if g_W is None else g_W.to(WS.dtype), None if g_b is None else g_b.to(bS.dtype),
+                None, None, None, None, None, None, None, None)
+
+
 def chunked_divergence(
     student_hidden_N_H: torch.Tensor,
     student_head_weight_V_H: torch.Tensor,
@@ -310,10 +388,19 @@ def chunked_divergence(
         vocab_size, student=student_head_weight_V_H.shape[0], teacher=teacher_head_weight_V_H.shape[0]
     )
     dtype = _compute_dtype(student_hidden_N_H.dtype, teacher_hidden_N_H.dtype)
-    fn = functools.partial(_divergence_chunk, beta=beta, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     n_rows = student_hidden_N_H.shape[0]
     if n_rows == 0:
         return student_hidden_N_H.new_zeros(0, dtype=dtype)
+    chunk_size = _rows_per_chunk(chunk_size, vocab_size)
+    if beta in (0.0, 1.0) and _needs_grad(student_hidden_N_H, student_head_weight_V_H, student_head_bias):
+        # forward / reverse KL: a hand-written backward holds three [chunk, V] buffers, not autograd's dozen
+        return _LeanKL.apply(
+            student_hidden_N_H, student_head_weight_V_H, student_head_bias,
+            teacher_hidden_N_H.detach(), teacher_head_weight_V_H.detach(),
+            None if teacher_head_bias is None else teacher_head_bias.detach(),
+            beta, temperature, vocab_size, dtype, chunk_size,
+        )
+    fn = functools.partial(_divergence_chunk, beta=beta, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
         fn,
         chunk_size,
@@ -358,7 +445,7 @@ def chunked_token_logp(
         )
     fn = functools.partial(_token_logp_chunk, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
-        fn, chunk_size, hidden_N_H.shape[0], (hidden_N_H, tokens_N.long()), (head_weight_V_H, bias),
+        fn, _rows_per_chunk(chunk_size, vocab_size), hidden_N_H.shape[0], (hidden_N_H, tokens_N.long()), (head_weight_V_H, bias),
         checkpointed=_needs_grad(hidden_N_H, head_weight_V_H, bias),
     )
 
@@ -386,7 +473,7 @@ def chunked_entropy(
         return hidden_N_H.new_zeros(0, dtype=dtype)
     fn = functools.partial(_entropy_chunk, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
-        fn, chunk_size, hidden_N_H.shape[0], (hidden_N_H,), (head_weight_V_H, bias),
+        fn, _rows_per_chunk(chunk_size, vocab_size), hidden_N_H.shape[0], (hidden_N_H,), (head_weight_V_H, bias),
         checkpointed=_needs_grad(hidden_N_H, head_weight_V_H, bias),
     )
 

@@ -1,0 +1,126 @@
+"""The text benchmarks' correctness (no timing thresholds): the loss variants agree with the naive
+full-logits loss in value and gradients, the OPD step trains the student, text-step returns its keys.
+
+    python -m pytest tests/test_bench_text.py -q
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from mmdistill import bench_text as B
+from mmdistill.config import TinyLMConfig
+from mmdistill.errors import MmdistillError
+
+V, T, H = 37, 6, 8
+
+
+def _loss_and_grads(x: dict, loss_fn) -> tuple[float, torch.Tensor, torch.Tensor]:
+    for t in (x["student_hidden_B_T_H"], x["student_head_V_H"]):
+        t.grad = None
+    loss = loss_fn()
+    loss.backward()
+    return float(loss.detach()), x["student_hidden_B_T_H"].grad.clone(), x["student_head_V_H"].grad.clone()
+
+
+LOSSES = {
+    "chunked": lambda x: B.chunked_loss(x, chunk_size=5),  # 12 rows: three chunks, the last one short
+    "topk_k_equals_V": lambda x: B.topk_loss(x, B.teacher_topk(x, k=V, chunk_size=5), chunk_size=5),
+    "fused": lambda x: B.fused_loss(x, chunk_size=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_variants_match_naive_in_value_and_gradients(name):
+    x = B.loss_inputs(batch=2, seq_len=T, vocab_size=V, hidden=H, seed=3)
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(x, lambda: B.naive_loss(x))
+    loss, dh, dw = _loss_and_grads(x, lambda: LOSSES[name](x))
+    assert ref_loss > 0.01, f"reverse KL of two random heads should be clearly positive, got {ref_loss}"
+    assert abs(loss - ref_loss) < 1e-5, f"{name}: loss {loss} vs naive {ref_loss}"
+    torch.testing.assert_close(dh, ref_dh, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: d loss / d hidden differs: {m}")
+    torch.testing.assert_close(dw, ref_dw, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: d loss / d head differs: {m}")
+
+
+def test_fused_matches_chunked_under_a_partial_mask():
+    x = B.loss_inputs(batch=2, seq_len=T, vocab_size=V, hidden=H, seed=4)
+    x["mask_B_T"][0, 4:] = 0
+    x["mask_B_T"][1, :1] = 0
+    chunked = _loss_and_grads(x, lambda: B.chunked_loss(x, chunk_size=4))
+    fused = _loss_and_grads(x, lambda: B.fused_loss(x, chunk_size=4))
+    assert abs(fused[0] - chunked[0]) < 1e-5
+    for a, b in zip(fused[1:], chunked[1:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_reverse_kl_refuses_mismatched_heads():
+    h = torch.randn(4, H)
+    with pytest.raises(ValueError, match="differ in V"):
+        B.fused_reverse_kl(h, torch.randn(V, H), h, torch.randn(V + 1, H), torch.ones(4))
+
+
+def test_loss_worker_in_a_subprocess_reports_peak_and_seconds():
+    row = B._run_loss_config(dict(method="fused", batch=1, seq_len=16, vocab_size=4096, hidden=64, chunk_size=8))
+    assert row["status"] == "ok", row
+    assert row["peak_bytes"] > 0 and row["seconds"] > 0 and row["loss"] > 0
+
+
+def test_naive_estimate_extends_the_measured_line():
+    rows = [{"method": "naive", "status": "ok", "tokens": 1024, "peak_bytes": 3.0e9},
+            {"method": "naive", "status": "ok", "tokens": 2048, "peak_bytes": 6.0e9}]
+    assert B._naive_estimate(rows, 4096, vocab_size=1000) == pytest.approx(12.0e9)
+    assert B._naive_estimate([], 100, vocab_size=1000) == B.NAIVE_LOGIT_COPIES * 100 * 1000 * 4
+
+
+def test_opd_step_changes_the_student_and_not_the_teacher():
+    tiny_s = TinyLMConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, seed=1)
+    tiny_t = TinyLMConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+    s = B.build_step_setup(torch.device("cpu"), batch=2, max_new_tokens=5, vocab_size=128, student=tiny_s, teacher=tiny_t)
+    before_s = {k: v.clone() for k, v in s.student.state_dict().items()}
+    before_t = {k: v.clone() for k, v in s.teacher.state_dict().items()}
+    loss = B.opd_step(s, B.make_optimizer(s.student, lr=1e-2), torch.Generator().manual_seed(0))
+    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    changed = [k for k, v in s.student.state_dict().items() if not torch.equal(v, before_s[k])]
+    assert changed, "one OPD step left every student weight unchanged"
+    assert all(torch.equal(v, before_t[k]) for k, v in s.teacher.state_dict().items()), "the teacher must stay frozen"
+    rollout = s.adapter.sample(s.student, s.questions, 5, 1.0, torch.Generator().manual_seed(1))
+    assert rollout.mask_B_T.sum() == 2 * 5, "EOS is disabled: every row samples all new tokens"
+
+
+def test_missing_trl_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.setitem(sys.modules, "trl.experimental.gkd", None)
+    with pytest.raises(MmdistillError, match=r"pip install -e \.\[bench\]"):
+        B._import_trl()
+
+
+def test_text_step_quick_returns_required_keys(tmp_path):
+    pytest.importorskip("trl")
+    res = B.text_step(device="cpu", quick=True)
+    for key in ("trl_step_seconds", "mmdistill_step_seconds", "ratio_vs_trl", "parts_seconds", "parts_sum_seconds",
+                "ratio_vs_parts", "method", "setup"):
+        assert key in res, f"text-step result lacks {key!r}"
+    assert set(res["parts_seconds"]) == {"generate", "teacher_scoring", "student_forward_backward_optimizer"}
+    assert res["parts_sum_seconds"] == pytest.approx(sum(res["parts_seconds"].values()))
+    assert res["ratio_vs_trl"] == pytest.approx(res["mmdistill_step_seconds"] / res["trl_step_seconds"])
+    assert {"torch", "transformers", "trl", "threads", "device"} <= set(res["setup"])
+    B.plot_text_step(res, tmp_path / "step.png")
+    assert (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_loss_memory_plot_draws_measured_and_estimated_rows(tmp_path):
+    rows = [{"method": m, "batch": b, "role": "grid", "status": "ok", "peak_gib": 1.0 * b, "seconds": 2.0 * b}
+            for m in B.LOSS_METHODS for b in (1, 2) if not (m == "naive" and b == 2)]
+    rows.append({"method": "naive", "batch": 2, "role": "grid", "status": "skipped", "estimated_peak_gib": 9.0})
+    res = {"rows": rows, "setup": {"seq_len": 8, "vocab_size": V, "hidden": H, "device": "cpu", "threads": 1, "batches": [1, 2]}}
+    B.plot_loss_memory(res, tmp_path / "mem.png")
+    assert (tmp_path / "mem.png").stat().st_size > 0
+
+
+def test_cli_knows_the_text_benchmarks(capsys):
+    from mmdistill.cli import main
+
+    assert main(["bench", "no-such-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "text-step" in err and "text-loss-memory" in err and "flow-sampling" in err
