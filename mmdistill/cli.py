@@ -181,6 +181,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mmdistill.compare import compare
+
+    out = Path(args.out or (Path(args.runs[0]).parent / "summary"))
+    summary = compare([Path(r) for r in args.runs], out, metric=args.metric, gap=tuple(args.gap) if args.gap else None,
+                      fraction=args.fraction, title=args.title)
+    print((out / "summary.md").read_text(), end="")
+    print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'curves.png'}")
+    return 0 if summary else 2
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
 
@@ -249,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--mean", action="store_true", help="act with the policy's mean action instead of sampling")
     rec.add_argument("--out", help="dataset directory (default RUN_DIR/datasets/MODEL_SPLIT; must not exist)")
     rec.set_defaults(fn=cmd_record)
+
+    cmp = sub.add_parser("compare", help="runs of one config over seeds: a table (mean, std) and evaluation curves")
+    cmp.add_argument("runs", nargs="+", help="finished run directories (each with report.json)")
+    cmp.add_argument("--out", help="output directory (default: RUNS[0]/../summary)")
+    cmp.add_argument("--metric", default="accuracy", help="the evaluation metric of the curves (default accuracy)")
+    cmp.add_argument("--gap", nargs=2, metavar=("FROM", "TO"), help="report keys: steps each stage needed to close --fraction of FROM -> TO")
+    cmp.add_argument("--fraction", type=float, default=0.9)
+    cmp.add_argument("--title", help="plot title")
+    cmp.set_defaults(fn=cmd_compare)
 
     ls = sub.add_parser("list", help="registered objectives, adapters, tasks, and packaged configs")
     ls.set_defaults(fn=cmd_list)

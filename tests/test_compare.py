@@ -46,3 +46,12 @@ def test_compare_refuses_unfinished_runs_and_unknown_keys(tmp_path):
     a = fake_run(tmp_path / "s0", 0.2, 1.0, [(25, 0.5)], 0.6)
     with pytest.raises(MmdistillError, match="not report keys"):
         compare([a], tmp_path / "out", gap=("student", "teacher"))
+
+
+def test_compare_cli(tmp_path, capsys):
+    from mmdistill.cli import main
+
+    a = fake_run(tmp_path / "s0", 0.2, 1.0, [(25, 0.5), (50, 0.95)], 0.97)
+    assert main(["compare", str(a), "--gap", "weak", "teacher", "--out", str(tmp_path / "sum")]) == 0
+    assert "| opd | 50 |" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nope")]) == 2
