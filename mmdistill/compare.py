@@ -61,6 +61,7 @@ def compare(runs: list[Path], out: Path, metric: str = "accuracy", gap: tuple[st
                 if len(pts) > 1 and gap[0] in x["results"]:
                     x["curves"][st] = [(0, x["results"][gap[0]])] + [p for p in pts if p[0] != 0]
     keys = sorted(set.intersection(*(set(x["results"]) for x in loaded)))
+    keys = [k for k in keys if not (k.endswith(f"_final_{metric}") and k[: -len(f"_final_{metric}")] in keys)]  # eval-stage twins
     table = {k: dict(zip(("mean", "std"), _mean_std([x["results"][k] for x in loaded]))) for k in keys}
     stages = sorted(set.intersection(*(set(x["curves"]) for x in loaded)))
     curves = {}
@@ -70,6 +71,11 @@ def compare(runs: list[Path], out: Path, metric: str = "accuracy", gap: tuple[st
         curves[st] = {"step": common, "mean": [statistics.fmean(v) for v in vals],
                       "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]}
     summary: dict[str, Any] = {"runs": [str(r) for r in runs], "metric": metric, "table": table, "curves": curves}
+    trained = {st: c for st, c in curves.items() if len(c["step"]) > 1}
+    if len(trained) > 1:  # every curve at the last step they all reached: equal student updates
+        step = min(c["step"][-1] for c in trained.values())
+        at = {st: [dict(x["curves"][st])[step] for x in loaded] for st, c in trained.items() if step in c["step"]}
+        summary["equal_steps"] = {"step": step, **{st: dict(zip(("mean", "std"), _mean_std(v))) for st, v in at.items()}}
     if gap is not None:
         lo_key, hi_key = gap
         missing = [k for k in gap if k not in keys]
@@ -96,6 +102,11 @@ def _markdown(summary: dict[str, Any]) -> str:
     n = len(summary["runs"])
     lines = [f"{summary['metric']} over {n} seed(s): mean ± std", "", "| model | mean | std |", "|---|---|---|"]
     lines += [f"| {k} | {v['mean']:.3f} | {v['std']:.3f} |" for k, v in summary["table"].items()]
+    if "equal_steps" in summary:
+        eq = dict(summary["equal_steps"])
+        step = eq.pop("step")
+        lines += ["", f"At equal student updates ({step}):", "", "| stage | mean | std |", "|---|---|---|"]
+        lines += [f"| {st} | {v['mean']:.3f} | {v['std']:.3f} |" for st, v in eq.items()]
     if "gap" in summary:
         g = summary["gap"]
         lines += ["", f"Steps to close {g['fraction']:.0%} of the gap {g['from']} -> {g['to']} (per seed; '>' = not reached)", "",
@@ -119,7 +130,9 @@ def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
         ax.fill_between(c["step"], lo, hi, alpha=0.2)
     for key, style in (("teacher", "--"),):
         if key in summary["table"]:
-            ax.axhline(summary["table"][key]["mean"], ls=style, c="k", lw=1, label=f"{key} (mean)")
+            level = summary["table"][key]["mean"]
+            ax.axhline(level, ls=style, c="k", lw=1, label=f"{key} (mean)")
+            ax.set_ylim(top=max(ax.get_ylim()[1], level + 0.02))
     if "gap" in summary:
         targets = [p["target"] for per in summary["gap"]["steps_to_target"].values() for p in per]
         if targets:
