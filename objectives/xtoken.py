@@ -29,13 +29,12 @@ the X-Token rules, which would push the student to spell "####" as four "#".  El
 """
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mmdistill.objectives.registered import ObjectiveBatch
+from mmdistill.objectives.registered import ObjectiveBatch, _Divergence
 from mmdistill.registry import OBJECTIVES
 from mmdistill.stepdist import TopKCategorical
 
@@ -137,30 +136,16 @@ def _masked_mean(x_B_T: Tensor, mask_B_T: Tensor) -> float:
 
 
 @OBJECTIVES.register("xtoken_kl")
-class XTokenKL:
+class XTokenKL(_Divergence):
     """X-Token P-KL: generalized JSD(beta) between the student and the teacher's distribution
     projected onto the student's vocabulary (beta 1 reverse KL, 0 forward KL).  The teacher is a
     `cross_tokenizer: true` model; with a same-tokenizer teacher this is the plain divergence.
     `topk`: compare on the projected teacher's top-k student tokens plus one tail bucket."""
 
-    needs_teacher = True
-    needs_reference = False
-    needs_rewards = False
-    scores_with_teacher = True
-
     def __init__(
         self, beta: float = 1.0, source: Literal["student", "dataset"] = "student", topk: int | None = None, temperature: float = 1.0
     ):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"objective.beta must lie in [0, 1] (1 reverse KL, 0 forward KL), got {beta}")
-        if temperature <= 0:
-            raise ValueError(f"objective.temperature must be > 0, got {temperature}")
-        if topk is not None and topk < 1:
-            raise ValueError(f"objective.topk must be >= 1 (or null for every token the teacher keeps), got {topk}")
-        self.beta, self.source, self.topk, self.temperature = beta, source, topk, temperature
-
-    def pick_source(self, rng: random.Random) -> str:
-        return self.source
+        super().__init__(beta, source, topk, temperature)
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
         teacher = b.teacher

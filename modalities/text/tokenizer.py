@@ -22,13 +22,11 @@ PATTERN = r"####|[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"
 CHAR_PATTERN = r"[\s\S]"  # every character alone, newlines included
 
 
-def build_word_tokenizer(words: list[str], chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """A tokenizer over `words` plus every printable ASCII character, built without downloads."""
-    base = list(string.digits + string.ascii_letters + string.punctuation) + [" ", "\n", "####"]
-    vocab_list = list(dict.fromkeys(SPECIALS + base + sorted(set(words))))
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+def _word_level(vocab_list: list[str], pattern: str, chat_template: str | None) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over `vocab_list`, pre-split by `pattern`, left padding."""
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(PATTERN), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
@@ -37,19 +35,15 @@ def build_word_tokenizer(words: list[str], chat_template: str | None = None) -> 
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
+
+
+def build_word_tokenizer(words: list[str], chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A tokenizer over `words` plus every printable ASCII character, built without downloads."""
+    base = list(string.digits + string.ascii_letters + string.punctuation) + [" ", "\n", "####"]
+    return _word_level(SPECIALS + base + sorted(set(words)), PATTERN, chat_template)
 
 
 def build_char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """A tokenizer with one token per character: printable ASCII, newline and tab; others are <unk>."""
     chars = list(string.digits + string.ascii_letters + string.punctuation) + [" ", "\n", "\t"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIALS + chars))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
-    )
-    tok.padding_side = "left"
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    return tok
+    return _word_level(SPECIALS + chars, CHAR_PATTERN, chat_template)
