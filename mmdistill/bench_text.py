@@ -14,9 +14,9 @@ tokens and temperature, interleaved in one process.  `ratio_vs_trl` = mmdistill 
 
 text-loss-memory: peak memory and time of the loss forward + backward (LM-head matmul from the
 hidden states included) at V=151,936, T=2,048, hidden 1,024, batch 1..4: chunked
-(`HiddenCategorical.divergence`), teacher top-k + tail (student chunked), naive full logits, and
-`fused` (`fused_reverse_kl` below: a candidate for the library's chunked path, gradients formed in
-the forward).  Every configuration runs in a fresh subprocess; CPU peaks are ru_maxrss over the
+(`HiddenCategorical.divergence` exactly as a training run calls it: hand-written backward for KL,
+rows per chunk capped by the library's logits budget), teacher top-k + tail (student chunked), and
+naive full logits.  Every configuration runs in a fresh subprocess; CPU peaks are ru_maxrss over the
 resident size once the inputs exist, CUDA peaks `torch.cuda.max_memory_allocated`.
 
     OMP_NUM_THREADS=1 mmdistill bench text-loss-memory --out bench/text-loss-memory-cpu.json
@@ -360,7 +360,7 @@ def _model_desc(cfg: TinyLMConfig, model: torch.nn.Module) -> dict[str, Any]:
 
 # ====================================================================== text-loss-memory
 
-LOSS_METHODS = ("chunked", "topk", "naive", "fused")
+LOSS_METHODS = ("chunked", "topk", "naive")
 
 
 def loss_inputs(batch: int, seq_len: int, vocab_size: int, hidden: int, device: torch.device | str = "cpu",
@@ -394,7 +394,8 @@ def _mean_over_tokens(d_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
 
 
 def chunked_loss(x: dict[str, Tensor], chunk_size: int = 1024) -> Tensor:
-    """Reverse KL from hidden states, `chunk_size` rows of logits at a time (`HiddenCategorical.divergence`)."""
+    """Reverse KL from hidden states by `HiddenCategorical.divergence`, as a training run calls it: at most
+    `chunk_size` rows of logits at a time, fewer where the library's logits budget caps them (`rows_per_chunk`)."""
     d_B_T = _hidden_dist(x, "student", chunk_size).divergence(_hidden_dist(x, "teacher", chunk_size), beta=1.0)
     return _mean_over_tokens(d_B_T, x["mask_B_T"])
 
@@ -418,78 +419,6 @@ def naive_loss(x: dict[str, Tensor]) -> Tensor:
     del student_logits_B_T_V
     kl = F.kl_div(teacher_logp_B_T_V, student_logp_B_T_V, reduction="sum", log_target=True)  # sum p_S (log p_S - log p_T)
     return kl / x["mask_B_T"].sum()
-
-
-def _fused_chunk(student_hidden_C_H: Tensor, student_head_V_H: Tensor, teacher_hidden_C_H: Tensor, teacher_head_V_H: Tensor,
-                 weight_C: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """sum_c w_c KL(p_S || p_T) over one chunk and, if asked, its gradient w.r.t. the student's logits `[C, V]`.
-
-    d KL_c / d z_c = p_S (log p_S - log p_T - KL_c); three `C x V` buffers at most, the rest in place.
-    """
-    teacher_logp_C_V = F.log_softmax(F.linear(teacher_hidden_C_H, teacher_head_V_H), dim=-1)
-    student_logp_C_V = F.log_softmax(F.linear(student_hidden_C_H, student_head_V_H), dim=-1)
-    log_ratio_C_V = teacher_logp_C_V.neg_().add_(student_logp_C_V)
-    p_C_V = student_logp_C_V.exp_()
-    kl_C = torch.bmm(p_C_V.unsqueeze(1), log_ratio_C_V.unsqueeze(2)).view(-1)
-    if not with_grad:
-        return (weight_C * kl_C).sum(), None
-    grad_C_V = log_ratio_C_V.sub_(kl_C[:, None]).mul_(p_C_V).mul_(weight_C[:, None])
-    return (weight_C * kl_C).sum(), grad_C_V
-
-
-class _FusedReverseKL(torch.autograd.Function):
-    """sum_n w_n KL(p_S,n || p_T,n) from hidden states and LM heads, its gradients computed during the forward.
-
-    The loss is a fixed weighted sum of per-token KLs, so d loss / d logits is known chunk by chunk
-    already in the forward; each chunk's logits exist once (no recompute in backward) and only the
-    gradients w.r.t. the student's hidden states and head are kept for the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, student_hidden_N_H, student_head_V_H, teacher_hidden_N_H, teacher_head_V_H, weight_N, chunk_size):
-        need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden_N_H = torch.zeros_like(student_hidden_N_H) if need_hidden else None
-        grad_head_V_H = torch.zeros_like(student_head_V_H) if need_head else None
-        total = student_hidden_N_H.new_zeros(())
-        for start in range(0, student_hidden_N_H.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            part, grad_C_V = _fused_chunk(student_hidden_N_H[sl], student_head_V_H, teacher_hidden_N_H[sl], teacher_head_V_H,
-                                          weight_N[sl], need_hidden or need_head)
-            total += part
-            if grad_hidden_N_H is not None:
-                torch.mm(grad_C_V, student_head_V_H, out=grad_hidden_N_H[sl])
-            if grad_head_V_H is not None:
-                grad_head_V_H.addmm_(grad_C_V.T, student_hidden_N_H[sl])
-            del grad_C_V  # before the next chunk's buffers are allocated
-        ctx.save_for_backward(grad_hidden_N_H, grad_head_V_H)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = [None if g is None else (g if bool(grad_out == 1) else g * grad_out) for g in ctx.saved_tensors]
-        return grads[0], grads[1], None, None, None, None
-
-
-def fused_reverse_kl(student_hidden_N_H: Tensor, student_head_V_H: Tensor, teacher_hidden_N_H: Tensor,
-                     teacher_head_V_H: Tensor, weight_N: Tensor, chunk_size: int = 256) -> Tensor:
-    """Candidate for `chunked_divergence` (beta=1, temperature 1): the weighted sum of per-token reverse KLs with
-    analytic gradients computed in the forward, `chunk_size` rows of logits at a time.  Returns a scalar."""
-    for name, h, w in (("student", student_hidden_N_H, student_head_V_H), ("teacher", teacher_hidden_N_H, teacher_head_V_H)):
-        if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
-            raise ValueError(f"{name}: hidden states must be [N, H] and the head [V, H]; got {tuple(h.shape)} and {tuple(w.shape)}")
-    if student_head_V_H.shape[0] != teacher_head_V_H.shape[0]:
-        raise ValueError(f"student and teacher heads differ in V ({student_head_V_H.shape[0]} vs {teacher_head_V_H.shape[0]}); slice both to the tokenizer's length")
-    if weight_N.shape != (student_hidden_N_H.shape[0],) or teacher_hidden_N_H.shape[0] != weight_N.shape[0]:
-        raise ValueError(f"weight_N must be [N] = [{student_hidden_N_H.shape[0]}] like both hidden states; got {tuple(weight_N.shape)}")
-    return _FusedReverseKL.apply(student_hidden_N_H, student_head_V_H, teacher_hidden_N_H, teacher_head_V_H, weight_N, chunk_size)
-
-
-def fused_loss(x: dict[str, Tensor], chunk_size: int = 256) -> Tensor:
-    mask_N = x["mask_B_T"].reshape(-1).to(x["student_hidden_B_T_H"].dtype)
-    keep = mask_N.bool()
-    rows = [x[k].reshape(-1, x[k].shape[-1])[keep] for k in ("student_hidden_B_T_H", "teacher_hidden_B_T_H")]
-    weight_N = mask_N[keep] / mask_N.sum()
-    return fused_reverse_kl(rows[0], x["student_head_V_H"], rows[1], x["teacher_head_V_H"], weight_N, chunk_size)
 
 
 def _peak_rss_bytes() -> int:
@@ -534,7 +463,7 @@ def loss_worker(method: str, batch: int, seq_len: int, vocab_size: int, hidden: 
         teacher = teacher_topk(x, k)  # small chunks: its own high-water mark stays near the baseline
         extra["teacher_topk_seconds"] = time.perf_counter() - t0
     run = {"chunked": lambda: chunked_loss(x, chunk_size), "topk": lambda: topk_loss(x, teacher, chunk_size),
-           "naive": lambda: naive_loss(x), "fused": lambda: fused_loss(x, chunk_size)}[method]
+           "naive": lambda: naive_loss(x)}[method]
 
     def forward_backward() -> Tensor:
         for t in (x["student_hidden_B_T_H"], x["student_head_V_H"]):
@@ -588,17 +517,21 @@ def _naive_estimate(rows: list[dict[str, Any]], tokens: int, vocab_size: int) ->
 
 
 def text_loss_memory(device: str = "auto", quick: bool = False, memory_limit_gib: float = 12.0) -> dict[str, Any]:
+    from mmdistill.config import TrainConfig
+    from mmdistill.objectives.divergence import LOGITS_BUDGET, _rows_per_chunk
+
     dev = _device(device)
     load_start = os.getloadavg()[0]
     seq_len, batches = (128, [1, 2]) if quick else (2048, [1, 2, 3, 4])
     vocab_size, hidden, k = (32_768, 256, 128) if quick else (151_936, 1024, 128)
-    chunk = {"chunked": 1024, "topk": 1024, "naive": 0, "fused": 256}  # chunked/topk: TrainConfig.chunk_size's default
+    chunk = {"chunked": TrainConfig.chunk_size, "topk": TrainConfig.chunk_size, "naive": 0}  # the library caps the rows itself
     inputs_bytes = 2 * vocab_size * hidden * 4
     rows: list[dict[str, Any]] = []
 
-    def run(method: str, batch: int, seq: int = seq_len, role: str = "grid", chunk_size: int | None = None) -> None:
-        cs = chunk[method] if chunk_size is None else chunk_size
-        row: dict[str, Any] = {"method": method, "batch": batch, "seq_len": seq, "tokens": batch * seq, "chunk_size": cs or None, "role": role}
+    def run(method: str, batch: int, seq: int = seq_len, role: str = "grid") -> None:
+        cs = chunk[method]
+        row: dict[str, Any] = {"method": method, "batch": batch, "seq_len": seq, "tokens": batch * seq, "chunk_size": cs or None,
+                               "rows_per_chunk": _rows_per_chunk(cs, vocab_size) if cs else None, "role": role}
         if method == "naive" and dev.type == "cpu":  # the process total: baseline (inputs, torch) + the loss's peak
             est = _naive_estimate(rows, batch * seq, vocab_size)
             total = est + inputs_bytes + 0.6 * GIB
@@ -614,9 +547,6 @@ def text_loss_memory(device: str = "auto", quick: bool = False, memory_limit_gib
     for batch in batches:
         for method in LOSS_METHODS:
             run(method, batch)
-    if not quick:  # separate the chunk size from the algorithm
-        run("chunked", 1, role="chunk-size check", chunk_size=chunk["fused"])
-        run("fused", 1, role="chunk-size check", chunk_size=chunk["chunked"])
     for r in rows:
         if r["status"] == "skipped":
             r["estimated_peak_bytes"] = int(_naive_estimate(rows, r["tokens"], vocab_size))
@@ -626,27 +556,28 @@ def text_loss_memory(device: str = "auto", quick: bool = False, memory_limit_gib
     grid = [r for r in rows if r["role"] == "grid"]
     ran = [r["batch"] for r in grid if r["method"] == "naive" and r["status"] == "ok"]
     peak = {r["method"]: r["peak_bytes"] for r in grid if ran and r["batch"] == max(ran) and r["status"] == "ok"}
-    ratio = {m: peak[m] / peak["naive"] if m in peak and "naive" in peak else None for m in ("chunked", "topk", "fused")}
+    ratio = {m: peak[m] / peak["naive"] if m in peak and "naive" in peak else None for m in ("chunked", "topk")}
     profile = _run_loss_config(dict(method="chunked", batch=1, seq_len=min(seq_len, 512), vocab_size=vocab_size, hidden=hidden,
                                     device=str(dev), chunk_size=chunk["chunked"], profile=True))
     return {
         "benchmark": "text-loss-memory",
         "ratio_chunked_vs_naive": ratio["chunked"],
         "ratio_topk_vs_naive": ratio["topk"],
-        "ratio_fused_vs_naive": ratio["fused"],
         "ratio_batch": max(ran) if ran else None,
         "target_ratio_chunked_vs_naive": 0.25,
         "rows": rows,
-        "profile_top": {"config": f"chunked, B=1, T={min(seq_len, 512)}, chunk_size {chunk['chunked']}", **profile},
+        "profile_top": {"config": f"chunked, B=1, T={min(seq_len, 512)}, chunk_size {chunk['chunked']} "
+                                  f"({_rows_per_chunk(chunk['chunked'], vocab_size)} rows per chunk)", **profile},
         "methods": {
-            "chunked": "HiddenCategorical.divergence(HiddenCategorical, beta=1): objectives/divergence.py chunked_divergence, "
-                       "every chunk activation-checkpointed (the library's path)",
+            "chunked": "HiddenCategorical.divergence(HiddenCategorical, beta=1) as a training run calls it (TrainConfig's "
+                       f"chunk_size {chunk['chunked']}): objectives/divergence.py chunked_divergence, whose forward/reverse KL "
+                       "has a hand-written backward (_LeanKL: three [chunk, V] buffers, no autograd graph per chunk) and whose "
+                       f"rows per chunk are capped by a {LOGITS_BUDGET * 4 // 2**20} MiB fp32 logits budget "
+                       f"(LOGITS_BUDGET = {LOGITS_BUDGET} elements: {_rows_per_chunk(chunk['chunked'], vocab_size)} rows at "
+                       f"V={vocab_size}; `rows_per_chunk` in each row)",
             "topk": f"HiddenCategorical.divergence(teacher.topk({k}), beta=1): teacher top-k + tail computed before the "
                     "baseline (stored offline in practice; `teacher_topk_seconds`), the student chunked and checkpointed",
             "naive": "F.linear to B x T x V logits for both models, log_softmax, F.kl_div(log_target=True), backward",
-            "fused": "candidate in this file (fused_reverse_kl): per chunk the student's logit gradient "
-                     "p_S (log p_S - log p_T - KL) is formed in the forward and pushed into the hidden-state and head "
-                     "gradients at once; no recompute, three chunk-sized buffers",
         },
         "method": (
             "each configuration in a fresh subprocess; inputs (student and teacher hidden states [B,T,H] and heads [V,H], "
@@ -659,7 +590,9 @@ def text_loss_memory(device: str = "auto", quick: bool = False, memory_limit_gib
         ),
         "setup": {
             "device": str(dev), "dtype": "float32", "vocab_size": vocab_size, "seq_len": seq_len, "hidden": hidden,
-            "batches": batches, "k": k, "chunk_sizes": {m: c or None for m, c in chunk.items()}, "memory_limit_gib": memory_limit_gib,
+            "batches": batches, "k": k, "chunk_sizes": {m: c or None for m, c in chunk.items()},
+            "rows_per_chunk": {m: _rows_per_chunk(c, vocab_size) if c else None for m, c in chunk.items()},
+            "logits_budget_elements": LOGITS_BUDGET, "memory_limit_gib": memory_limit_gib,
             "beta": 1.0, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
             "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]}, "machine": platform.machine(),

@@ -28,7 +28,6 @@ def _loss_and_grads(x: dict, loss_fn) -> tuple[float, torch.Tensor, torch.Tensor
 LOSSES = {
     "chunked": lambda x: B.chunked_loss(x, chunk_size=5),  # 12 rows: three chunks, the last one short
     "topk_k_equals_V": lambda x: B.topk_loss(x, B.teacher_topk(x, k=V, chunk_size=5), chunk_size=5),
-    "fused": lambda x: B.fused_loss(x, chunk_size=5),
 }
 
 
@@ -43,25 +42,32 @@ def test_loss_variants_match_naive_in_value_and_gradients(name):
     torch.testing.assert_close(dw, ref_dw, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: d loss / d head differs: {m}")
 
 
-def test_fused_matches_chunked_under_a_partial_mask():
+def test_chunked_matches_naive_on_the_kept_tokens_under_a_partial_mask():
     x = B.loss_inputs(batch=2, seq_len=T, vocab_size=V, hidden=H, seed=4)
     x["mask_B_T"][0, 4:] = 0
     x["mask_B_T"][1, :1] = 0
-    chunked = _loss_and_grads(x, lambda: B.chunked_loss(x, chunk_size=4))
-    fused = _loss_and_grads(x, lambda: B.fused_loss(x, chunk_size=4))
-    assert abs(fused[0] - chunked[0]) < 1e-5
-    for a, b in zip(fused[1:], chunked[1:]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    keep = x["mask_B_T"].bool()
+    loss, dh, dw = _loss_and_grads(x, lambda: B.chunked_loss(x, chunk_size=4))
+    # reference: the naive loss over only the kept tokens, as one sequence
+    ref = dict(x, mask_B_T=torch.ones(1, int(keep.sum())),
+               student_hidden_B_T_H=x["student_hidden_B_T_H"].detach()[keep][None].requires_grad_(),
+               teacher_hidden_B_T_H=x["teacher_hidden_B_T_H"][keep][None])
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(ref, lambda: B.naive_loss(ref))
+    assert abs(loss - ref_loss) < 1e-5
+    torch.testing.assert_close(dh[keep], ref_dh[0], atol=1e-6, rtol=1e-4)
+    assert torch.all(dh[~keep] == 0), "masked positions get no gradient"
+    torch.testing.assert_close(dw, ref_dw, atol=1e-6, rtol=1e-4)
 
 
-def test_fused_reverse_kl_refuses_mismatched_heads():
-    h = torch.randn(4, H)
-    with pytest.raises(ValueError, match="differ in V"):
-        B.fused_reverse_kl(h, torch.randn(V, H), h, torch.randn(V + 1, H), torch.ones(4))
+def test_chunked_rows_are_capped_by_the_library_logits_budget():
+    from mmdistill.objectives.divergence import LOGITS_BUDGET, _rows_per_chunk
+
+    assert _rows_per_chunk(1024, 151_936) == LOGITS_BUDGET // 151_936 < 1024
+    assert _rows_per_chunk(1024, 4096) == 1024
 
 
 def test_loss_worker_in_a_subprocess_reports_peak_and_seconds():
-    row = B._run_loss_config(dict(method="fused", batch=1, seq_len=16, vocab_size=4096, hidden=64, chunk_size=8))
+    row = B._run_loss_config(dict(method="chunked", batch=1, seq_len=16, vocab_size=4096, hidden=64, chunk_size=8))
     assert row["status"] == "ok", row
     assert row["peak_bytes"] > 0 and row["seconds"] > 0 and row["loss"] > 0
 
@@ -107,6 +113,22 @@ def test_text_step_quick_returns_required_keys(tmp_path):
     assert {"torch", "transformers", "trl", "threads", "device"} <= set(res["setup"])
     B.plot_text_step(res, tmp_path / "step.png")
     assert (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_text_loss_memory_quick_runs_the_library_path(tmp_path):
+    from mmdistill.objectives.divergence import _rows_per_chunk
+
+    res = B.text_loss_memory(device="cpu", quick=True)
+    V_quick = res["setup"]["vocab_size"]
+    assert set(res["methods"]) == set(B.LOSS_METHODS) == {"chunked", "topk", "naive"}
+    assert {r["method"] for r in res["rows"]} == set(B.LOSS_METHODS) and all(r["status"] == "ok" for r in res["rows"]), res["rows"]
+    for r in res["rows"]:
+        assert r["rows_per_chunk"] == (None if r["method"] == "naive" else _rows_per_chunk(1024, V_quick))
+    losses = {r["method"]: r["loss"] for r in res["rows"] if r["batch"] == 1}
+    assert losses["chunked"] == pytest.approx(losses["naive"], rel=1e-5)
+    assert res["ratio_chunked_vs_naive"] is not None and "ratio_fused_vs_naive" not in res
+    B.plot_loss_memory(res, tmp_path / "mem.png")
+    assert (tmp_path / "mem.png").stat().st_size > 0
 
 
 def test_loss_memory_plot_draws_measured_and_estimated_rows(tmp_path):
