@@ -98,7 +98,6 @@ class CausalLMAdapter:
         return tok
 
     def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
-
         dtype = DTYPES[cfg.dtype]
         if cfg.cross_tokenizer:  # a teacher speaking another tokenizer, projected onto ours (X-Token)
             from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher
@@ -198,13 +197,12 @@ class CausalLMAdapter:
         generator: torch.Generator | None = None,
         engine: str = "hf",
         mixture: tuple[Any, float] | None = None,
-        prompts: tuple[Tensor, Tensor] | None = None,
     ) -> Rollout:
         """On-policy sampling through the generation engine; temperature 0 is greedy.
         `mixture=(teacher, beta)`: each token is the teacher's with probability beta (DAgger)."""
         model_was_training = model.training
         model.eval()
-        prompt_ids, prompt_attn = prompts if prompts is not None else self.encode_prompts(questions)
+        prompt_ids, prompt_attn = self.encode_prompts(questions)
         gen = self.engine(engine).generate(model, prompt_ids, prompt_attn, max_new_tokens, temperature, generator, mixture=mixture)
         model.train(model_was_training)
         rollout = Rollout(
@@ -220,20 +218,24 @@ class CausalLMAdapter:
 
     def dataset_rollout(self, questions: list[str], completions: list[str]) -> Rollout:
         """Gold or teacher-written completions as a rollout (behaviour log-probs unknown: zeros)."""
+        return self.ids_rollout(questions, [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in completions])
+
+    def ids_rollout(self, questions: list[str], completion_ids: list[list[int]]) -> Rollout:
+        """Stored completion token ids as a rollout: prompts encoded as at sampling time, completions
+        right-padded, behaviour log-probs zero."""
         prompt_ids, prompt_attn = self.encode_prompts(questions)
-        comp = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in completions]
-        T = max(len(c) for c in comp)
-        tokens = torch.full((len(comp), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(comp), T)
-        for i, c in enumerate(comp):
-            tokens[i, : len(c)] = torch.tensor(c)
+        T = max(len(c) for c in completion_ids)
+        tokens = torch.full((len(completion_ids), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(completion_ids), T)
+        for i, c in enumerate(completion_ids):
+            tokens[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
             mask[i, : len(c)] = 1.0
         return Rollout(
             context=Context(list(questions), prompt_ids.shape[1]),
             steps={"prompt_ids": prompt_ids, "prompt_attn": prompt_attn},
             actions=tokens.to(self.device),
             mask_B_T=mask.to(self.device),
-            behavior_logp_B_T=torch.zeros(len(comp), T, device=self.device),
+            behavior_logp_B_T=torch.zeros(len(completion_ids), T, device=self.device),
         )
 
     def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:

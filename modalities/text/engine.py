@@ -46,12 +46,9 @@ class GenerationEngine(Protocol):
 
 
 def _cache_kw(model: torch.nn.Module) -> str:
-    m = model
-    while hasattr(m, "module"):
-        m = m.module
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+    from mmdistill.modalities.text.adapter import unwrap
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def _get_cache(out: Any) -> Any:

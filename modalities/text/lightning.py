@@ -361,39 +361,28 @@ def read_shard(path: Path, sha256: str) -> list[ShardProblem]:
 
 
 def shard_rollout(adapter: Any, problems: list[ShardProblem]) -> Rollout:
-    """A rollout of the stored completions: prompts encoded as at sampling time, completions
-    right-padded, behaviour log-probs zero, the teacher's top-k in `extras` as B-major tensors."""
-    from mmdistill.modalities.text.adapter import Context
-
+    """A rollout of the stored completions (`adapter.ids_rollout`) with the teacher's top-k in
+    `extras` as B-major tensors."""
     K = {p.teacher_topk_idx.shape[-1] for p in problems}
     if len(K) != 1:
         raise MmdistillError(f"the batch mixes teacher shards of different top-k sizes {sorted(K)}; train on shards of one precompute stage")
-    prompt_ids, prompt_attn = adapter.encode_prompts([p.question for p in problems])
-    dev = adapter.device
-    lens_B = torch.tensor([len(p.completion_ids) for p in problems], device=dev)
-    B, T, (K,) = len(problems), int(lens_B.max()), K
-    mask_B_T = torch.arange(T, device=dev)[None, :] < lens_B[:, None]
+    rollout = adapter.ids_rollout([p.question for p in problems], [p.completion_ids for p in problems])
+    mask_B_T = rollout.mask_B_T.bool()
+    B, T = mask_B_T.shape
+    (K,) = K
 
     def scatter(arrays: list[np.ndarray], fill: float, tail: tuple = ()) -> Tensor:
-        flat = torch.from_numpy(np.concatenate(arrays)).to(dev)
-        out = torch.full((B, T, *tail), fill, dtype=flat.dtype if flat.is_floating_point() else torch.long, device=dev)
+        flat = torch.from_numpy(np.concatenate(arrays)).to(mask_B_T.device)
+        out = torch.full((B, T, *tail), fill, dtype=flat.dtype if flat.is_floating_point() else torch.long, device=mask_B_T.device)
         out[mask_B_T] = flat.to(out.dtype)
         return out
 
-    actions_B_T = scatter([p.completion_ids for p in problems], adapter.pad_id)
-    extras = {
+    rollout.extras = {
         "teacher_topk_idx_B_T_K": scatter([p.teacher_topk_idx for p in problems], 0, (K,)),
         "teacher_topk_logp_B_T_K": scatter([p.teacher_topk_logp for p in problems], 0.0, (K,)),
         "teacher_tail_logp_B_T": scatter([p.teacher_tail_logp for p in problems], 0.0),
     }
-    return Rollout(
-        context=Context([p.question for p in problems], prompt_ids.shape[1]),
-        steps={"prompt_ids": prompt_ids, "prompt_attn": prompt_attn},
-        actions=actions_B_T,
-        mask_B_T=mask_B_T.float(),
-        behavior_logp_B_T=torch.zeros(B, T, device=dev),
-        extras=extras,
-    )
+    return rollout
 
 
 def stored_teacher(rollout: Rollout) -> TopKCategorical:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mmdistill.config import ModelConfig
 from mmdistill.errors import CompatibilityError, ConfigError
-from mmdistill.objectives.divergence import chunked_token_logp, topk_tail
+from mmdistill.objectives.divergence import _rows_per_chunk, chunked_token_logp, topk_tail
 from mmdistill.objectives.xtoken import move_span_mass, project_probs, projection_from_strings, smoothed_log
 from mmdistill.rollout import Rollout
 from mmdistill.stepdist import TopKCategorical
@@ -247,7 +247,7 @@ class CrossTokenizerTeacher(torch.nn.Module):
         W = self.projection()
         k = min(self.topk, Vs)
         idx, vals, tails = [], [], []
-        C = adapter.chunk_size
+        C = _rows_per_chunk(adapter.chunk_size, Vt)  # [C, V_teacher] logits at a time
         for start in range(0, rows_N_H.shape[0], C):
             sl = slice(start, start + C)
             logits_C_Vt = F.linear(rows_N_H[sl], head.weight, getattr(head, "bias", None))[:, :Vt].float()
