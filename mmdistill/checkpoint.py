@@ -8,6 +8,7 @@ leaves either the previous checkpoint or the new one, never half of one.
 
     mmdistill train --resume runs/quickstart
 """
+
 from __future__ import annotations
 
 import json
@@ -158,14 +159,19 @@ def load_training_state(
             f"delete it and its latest.txt entry to resume from the one before"
         ) from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if not _is_tied(model, m)]
+    missing = _not_tied(model, missing, weights)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])
     return state
 
 
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    return key.endswith("lm_head.weight") and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+def _not_tied(model: torch.nn.Module, missing: list[str], loaded: dict[str, torch.Tensor]) -> list[str]:
+    """The missing keys that are not tied to a loaded one (a tied LM head shares the embedding's storage)."""
+    state = model.state_dict()
+    loaded_ptrs = {state[k].untyped_storage().data_ptr() for k in loaded if k in state}
+    return [m for m in missing if state[m].untyped_storage().data_ptr() not in loaded_ptrs]

@@ -1,19 +1,21 @@
 """The `mmdistill` command: train, eval, sample, list.
 
-    mmdistill train configs/text/quickstart.yaml
-    mmdistill train configs/text/quickstart.yaml stages.student_opd.train.steps=50
-    mmdistill train --resume runs/quickstart
-    mmdistill eval runs/quickstart/student_opd/final --task arith --n 200 --json
-    mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
-    mmdistill bench flow-sampling
-    mmdistill list
+mmdistill train configs/text/quickstart.yaml
+mmdistill train configs/text/quickstart.yaml stages.student_opd.train.steps=50
+mmdistill train --resume runs/quickstart
+mmdistill eval runs/quickstart/student_opd/final --task arith --n 200 --json
+mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
+mmdistill bench flow-sampling
+mmdistill list
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from mmdistill.errors import MmdistillError
 
@@ -37,14 +39,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
-            raise MmdistillError(f"--resume {run_dir}: no config.yaml there; give the run directory of an earlier `mmdistill train`")
+            raise MmdistillError(
+                f"--resume {run_dir}: no config.yaml there; give the run directory of an earlier `mmdistill train`"
+            )
         if args.config is not None:
             args.overrides = [args.config, *args.overrides]  # `--resume DIR key=value`
         cfg = load_config(run_dir / "config.yaml", args.overrides)
         run_pipeline(cfg, run_dir=run_dir, quiet=args.quiet)
         return 0
     if args.config is None:
-        raise MmdistillError("train needs a config file: mmdistill train CONFIG.yaml [key=value ...] (or --resume RUN_DIR)")
+        raise MmdistillError(
+            "train needs a config file: mmdistill train CONFIG.yaml [key=value ...] (or --resume RUN_DIR)"
+        )
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -59,63 +65,76 @@ def cmd_train(args: argparse.Namespace) -> int:
         import shutil
 
         if not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
-            raise MmdistillError(f"--overwrite: {run_dir} is not an mmdistill run directory (no config.yaml); refusing to delete it")
+            raise MmdistillError(
+                f"--overwrite: {run_dir} is not an mmdistill run directory (no config.yaml); refusing to delete it"
+            )
         shutil.rmtree(run_dir)
     run_pipeline(cfg, quiet=args.quiet)
     return 0
 
 
 def _load_for_eval(args: argparse.Namespace):
+    """The adapter that claims the checkpoint directory, the model, and the task to evaluate it on."""
     import torch
-    from transformers import AutoTokenizer
 
     from mmdistill.config import ModelConfig, check_kwargs
+    from mmdistill.pipeline import quiet_library_logs
     from mmdistill.registry import ADAPTERS, TASKS
 
-    path = Path(args.model)
-    flow = (path / "model_index.json").exists()
-    if not (path / "config.json").exists() and not flow:
+    path = Path(args.model).expanduser()
+    owners = [(name, cls) for name, cls in ADAPTERS.items() if cls.claims_checkpoint(str(path))]
+    if not owners:
         raise MmdistillError(
-            f"model '{path}' has neither config.json nor model_index.json; give a saved checkpoint directory "
-            "(e.g. runs/quickstart/student_opd/final or runs/shapes_flow_opd/flow_opd/final)"
+            f"model '{path}' is not a saved checkpoint of any adapter ({', '.join(ADAPTERS.names())}); give a stage's "
+            "final directory, e.g. runs/quickstart/student_opd/final or runs/shapes_flow_opd/flow_opd/final"
         )
-    if flow and args.task == "arith":
-        args.task = "shapes"
-    task_cls = TASKS.get(args.task)
+    _, adapter_cls = owners[0]
+    task_name = args.task or adapter_cls.spec.default_task
+    task_cls = TASKS.get(task_name)
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
-    if flow:
-        from transformers import CLIPTokenizer
+    quiet_library_logs()
+    adapter = adapter_cls(adapter_cls.load_tokenizer(str(path)), device=device)
+    adapter.bind(task)
+    return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task
 
-        from mmdistill.pipeline import quiet_library_logs
 
-        quiet_library_logs()
-        adapter = ADAPTERS.get("diffusers_flow")(CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer"), device=device)
-        return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task
-    adapter = ADAPTERS.get("hf_causal_lm")(AutoTokenizer.from_pretrained(str(path)), device=device)
-    model = adapter.load_model(ModelConfig(path=str(path)), "model").eval()
-    return adapter, model, task
+def _eval_config(adapter: Any, args: argparse.Namespace) -> Any:
+    """The adapter's eval config from the command-line flags it has (the others do not apply to it)."""
+    import dataclasses
+
+    from mmdistill.errors import ConfigError
+
+    cls = adapter.spec.eval_config
+    given = {f.name: vars(args)[f.name] for f in dataclasses.fields(cls) if vars(args).get(f.name) is not None}
+    try:
+        return cls(**given)
+    except ValueError as e:
+        raise ConfigError(f"--{str(e).replace('_', '-')}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmdistill.config import EvalConfig
-    from mmdistill.evaluate import evaluate
+    from mmdistill.report import headline
+    from mmdistill.train import evaluate
 
     adapter, model, task = _load_for_eval(args)
-    cfg = EvalConfig(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     k=args.k, split=args.split, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
+    cfg = _eval_config(adapter, args)
     res = evaluate(adapter, model, task, cfg, seed=args.seed, out_dir=Path(args.grid_dir) if args.grid_dir else None)
     if args.json:
         print(json.dumps(res, indent=1))
-    elif "accuracy" not in res:  # flow: mean rewards
-        from mmdistill.train import headline
-
-        print(", ".join(f"{k} {v:.3f}" for k, v in headline(res).items()) + f" on {res['n']} {args.split} prompts")
     else:
-        line = f"accuracy {res['accuracy']:.3f} on {res['n']} {args.split} problems"
-        if args.k > 1:
-            line += f"; pass@1 {res['pass@1']:.3f}, pass@{args.k} {res[f'pass@{args.k}']:.3f}"
-        print(line)
+        print(", ".join(f"{k} {v:.3f}" for k, v in headline(res).items()) + f" on {res['n']} {args.split} problems")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from mmdistill.train import evaluate
+
+    adapter, model, task = _load_for_eval(args)
+    args.batch_size = args.n
+    res = evaluate(adapter, model, task, _eval_config(adapter, args), seed=args.seed, show=args.n)
+    for sample in res.get("samples", []):
+        print("\n".join(f"{k}: {v}" for k, v in sample.items()) + "\n")
     return 0
 
 
@@ -129,8 +148,10 @@ def cmd_record(args: argparse.Namespace) -> int:
     quiet_library_logs()
     cfg = load_config(args.config, args.overrides)
     adapter_cls = ADAPTERS.get(cfg.adapter)
-    if not hasattr(adapter_cls, "record"):
-        raise MmdistillError(f"adapter {cfg.adapter!r} has no episodes to record; `mmdistill record` is for robot_policy configs")
+    if not adapter_cls.spec.can_record:
+        raise MmdistillError(
+            f"adapter {cfg.adapter!r} has no episodes to record; `mmdistill record` is for robot_policy configs"
+        )
     task = build_task(cfg.task)
     adapter = adapter_cls(None, device="cpu" if cfg.device in ("cpu", "auto") else cfg.device)
     adapter.bind(task)
@@ -138,28 +159,17 @@ def cmd_record(args: argparse.Namespace) -> int:
     model = ctx.load_model(args.model).eval()
     problems = task.problems(args.split, args.episodes, seed=cfg.seed)
     out = Path(args.out or Path(cfg.run_dir) / "datasets" / f"{args.model}_{args.split}")
-    res = adapter.record(model, task, problems, out, repo_id=f"mmdistill/{args.model}", sample=not args.mean, seed=cfg.seed)
+    res = adapter.record(
+        model, task, problems, out, repo_id=f"mmdistill/{args.model}", sample=not args.mean, seed=cfg.seed
+    )
     print(json.dumps(res, indent=1))
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    adapter, model, task = _load_for_eval(args)
-    problems = task.problems(args.split, args.n, seed=args.seed)
-    gen = torch.Generator(device=adapter.device).manual_seed(args.seed)
-    rollout = adapter.sample(model, [p.question for p in problems], args.max_new_tokens, args.temperature, gen)
-    for p, t in zip(problems, adapter.decode(rollout)):
-        ok = task.reward(p, t) >= 1.0
-        print(f"Q: {p.question}\nA: {t}\n   gold {p.answer}  {'correct' if ok else 'wrong'}\n")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mmdistill import bench, bench_text
+    from mmdistill.bench import BENCHES as benches
+    from mmdistill.bench import PLOTS
 
-    benches = {**bench.BENCHES, **bench_text.BENCHES}
     fn = benches.get(args.name)
     if fn is None:
         raise MmdistillError(f"unknown benchmark '{args.name}'; known: {', '.join(sorted(benches))}")
@@ -172,8 +182,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
-    if args.name in bench_text.PLOTS:
-        bench_text.PLOTS[args.name](result, out.with_suffix(".png"))
+    if args.name in PLOTS:
+        PLOTS[args.name](result, out.with_suffix(".png"))
         print(f"written: {out.with_suffix('.png')}")
     long = ("setup", "times", "profile_top", "methods", "method", "parts", "equal_work", "differences")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list) and k not in long}, indent=1))
@@ -185,17 +195,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mmdistill.compare import compare
 
     out = Path(args.out or (Path(args.runs[0]).parent / "summary"))
-    summary = compare([Path(r) for r in args.runs], out, metric=args.metric, gap=tuple(args.gap) if args.gap else None,
-                      fraction=args.fraction, title=args.title)
+    summary = compare(
+        [Path(r) for r in args.runs],
+        out,
+        metric=args.metric,
+        gap=tuple(args.gap) if args.gap else None,
+        fraction=args.fraction,
+        title=args.title,
+    )
     print((out / "summary.md").read_text(), end="")
     print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'curves.png'}")
     return 0 if summary else 2
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
+    from mmdistill.registry import ADAPTERS, OBJECTIVES, STAGE_KINDS, TASKS
 
-    for title, reg in (("objectives", OBJECTIVES), ("adapters", ADAPTERS), ("tasks", TASKS)):
+    for title, reg in (
+        ("objectives", OBJECTIVES),
+        ("adapters", ADAPTERS),
+        ("tasks", TASKS),
+        ("stage kinds", STAGE_KINDS),
+    ):
         print(f"{title}:")
         for name, obj in reg.items():
             doc = (obj.__doc__ or "").strip().splitlines()
@@ -214,32 +235,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="run a training stage or a pipeline of stages from a YAML config")
-    t.add_argument("config", nargs="?", help="YAML config (a path, or a packaged one such as configs/text/quickstart.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 stages.student_opd.objective.coef=0.5")
+    t.add_argument(
+        "config", nargs="?", help="YAML config (a path, or a packaged one such as configs/text/quickstart.yaml)"
+    )
+    t.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 stages.student_opd.objective.coef=0.5"
+    )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--run-dir", help="where outputs go (same as run_dir=...)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
 
-    for name, fn, hlp in (("eval", cmd_eval, "accuracy and pass@k of a checkpoint on held-out problems"),
-                          ("sample", cmd_sample, "print generations of a checkpoint")):
+    for name, fn, hlp in (
+        ("eval", cmd_eval, "accuracy and pass@k of a checkpoint on held-out problems"),
+        ("sample", cmd_sample, "print generations of a checkpoint"),
+    ):
         e = sub.add_parser(name, help=hlp)
-        e.add_argument("model", help="a saved HF checkpoint directory")
-        e.add_argument("--task", default="arith", help="task name (mmdistill list)")
-        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task argument, e.g. --set difficulty=2")
+        e.add_argument("model", help="a saved checkpoint directory (transformers, diffusers or LeRobot)")
+        e.add_argument("--task", help="task name (mmdistill list); default: the adapter's own (arith, shapes, ...)")
+        e.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="task argument, e.g. --set difficulty=2"
+        )
         e.add_argument("--n", type=int, default=200 if name == "eval" else 4)
         e.add_argument("--split", default="test")
-        e.add_argument("--max-new-tokens", type=int, default=48)
+        e.add_argument("--max-new-tokens", type=int, default=48, help="text models: tokens per completion")
         e.add_argument("--temperature", type=float, default=0.0)
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        e.add_argument("--num-steps", type=int, help="flow models: Euler ODE steps (default 10)")
+        e.add_argument("--guidance-scale", type=float, help="flow models: classifier-free guidance (default 1)")
         if name == "eval":
             e.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (needs --temperature > 0)")
             e.add_argument("--batch-size", type=int, default=200)
             e.add_argument("--json", action="store_true", help="print the full result as JSON")
-            e.add_argument("--num-steps", type=int, default=10, help="flow models: Euler ODE steps")
-            e.add_argument("--guidance-scale", type=float, default=1.0, help="flow models: classifier-free guidance")
             e.add_argument("--grid-dir", help="flow models: write a sample grid (eval.png) here")
         e.set_defaults(fn=fn)
 
@@ -248,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output JSON (default bench/NAME.json)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes (CI smoke)")
-    b.add_argument("--workers", type=int, help="libero-throughput: the N of 1 vs N worker processes (default: the CPU count, 2..8)")
+    b.add_argument(
+        "--workers", type=int, help="libero-throughput: the N of 1 vs N worker processes (default: the CPU count, 2..8)"
+    )
     b.set_defaults(fn=cmd_bench)
 
     rec = sub.add_parser("record", help="robot runs: record a model's episodes as a LeRobot dataset")
@@ -256,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     rec.add_argument("--model", required=True, help="a models entry or a finished stage (its final checkpoint)")
     rec.add_argument("--episodes", type=int, default=10)
-    rec.add_argument("--split", default="train", choices=["train", "test"], help="initial states (default: training ones)")
+    rec.add_argument(
+        "--split", default="train", choices=["train", "test"], help="initial states (default: training ones)"
+    )
     rec.add_argument("--mean", action="store_true", help="act with the policy's mean action instead of sampling")
     rec.add_argument("--out", help="dataset directory (default RUN_DIR/datasets/MODEL_SPLIT; must not exist)")
     rec.set_defaults(fn=cmd_record)
@@ -265,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("runs", nargs="+", help="finished run directories (each with report.json)")
     cmp.add_argument("--out", help="output directory (default: RUNS[0]/../summary)")
     cmp.add_argument("--metric", default="accuracy", help="the evaluation metric of the curves (default accuracy)")
-    cmp.add_argument("--gap", nargs=2, metavar=("FROM", "TO"), help="report keys: steps each stage needed to close --fraction of FROM -> TO")
+    cmp.add_argument(
+        "--gap",
+        nargs=2,
+        metavar=("FROM", "TO"),
+        help="report keys: steps each stage needed to close --fraction of FROM -> TO",
+    )
     cmp.add_argument("--fraction", type=float, default=0.9)
     cmp.add_argument("--title", help="plot title")
     cmp.set_defaults(fn=cmd_compare)
@@ -283,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:  # registry lookups
-        if str(e).startswith("\"unknown") or str(e).startswith("'unknown"):
+        if str(e).startswith('"unknown') or str(e).startswith("'unknown"):
             print(f"error: {e.args[0]}", file=sys.stderr)
             return 2
         raise

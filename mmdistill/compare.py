@@ -10,6 +10,7 @@ model FROM and model TO (report keys), per seed, and curves start at FROM's resu
     mmdistill compare runs/evidence_a/s0 runs/evidence_a/s1 runs/evidence_a/s2 \
         --gap weak_student teacher --out runs/evidence_a/summary
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,14 @@ def first_reaching(curve: list[tuple[int, float]], target: float) -> tuple[int, 
     return (curve[-1][0] if curve else 0), False
 
 
-def compare(runs: list[Path], out: Path, metric: str = "accuracy", gap: tuple[str, str] | None = None,
-            fraction: float = 0.9, title: str | None = None) -> dict[str, Any]:
+def compare(
+    runs: list[Path],
+    out: Path,
+    metric: str = "accuracy",
+    gap: tuple[str, str] | None = None,
+    fraction: float = 0.9,
+    title: str | None = None,
+) -> dict[str, Any]:
     loaded = [load_run(Path(r), metric) for r in runs]
     if gap is not None:  # stages trained from FROM start at its result (step 0)
         for x in loaded:
@@ -61,21 +68,29 @@ def compare(runs: list[Path], out: Path, metric: str = "accuracy", gap: tuple[st
                 if len(pts) > 1 and gap[0] in x["results"]:
                     x["curves"][st] = [(0, x["results"][gap[0]])] + [p for p in pts if p[0] != 0]
     keys = sorted(set.intersection(*(set(x["results"]) for x in loaded)))
-    keys = [k for k in keys if not (k.endswith(f"_final_{metric}") and k[: -len(f"_final_{metric}")] in keys)]  # eval-stage twins
+    keys = [
+        k for k in keys if not (k.endswith(f"_final_{metric}") and k[: -len(f"_final_{metric}")] in keys)
+    ]  # eval-stage twins
     table = {k: dict(zip(("mean", "std"), _mean_std([x["results"][k] for x in loaded]))) for k in keys}
     stages = sorted(set.intersection(*(set(x["curves"]) for x in loaded)))
     curves = {}
     for st in stages:
         common = sorted(set.intersection(*(set(s for s, _ in x["curves"][st]) for x in loaded)))
         vals = [[dict(x["curves"][st])[s] for x in loaded] for s in common]
-        curves[st] = {"step": common, "mean": [statistics.fmean(v) for v in vals],
-                      "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]}
+        curves[st] = {
+            "step": common,
+            "mean": [statistics.fmean(v) for v in vals],
+            "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals],
+        }
     summary: dict[str, Any] = {"runs": [str(r) for r in runs], "metric": metric, "table": table, "curves": curves}
     trained = {st: c for st, c in curves.items() if len(c["step"]) > 1}
     if len(trained) > 1:  # every curve at the last step they all reached: equal student updates
         step = min(c["step"][-1] for c in trained.values())
         at = {st: [dict(x["curves"][st])[step] for x in loaded] for st, c in trained.items() if step in c["step"]}
-        summary["equal_steps"] = {"step": step, **{st: dict(zip(("mean", "std"), _mean_std(v))) for st, v in at.items()}}
+        summary["equal_steps"] = {
+            "step": step,
+            **{st: dict(zip(("mean", "std"), _mean_std(v))) for st, v in at.items()},
+        }
     if gap is not None:
         lo_key, hi_key = gap
         missing = [k for k in gap if k not in keys]
@@ -109,8 +124,13 @@ def _markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {st} | {v['mean']:.3f} | {v['std']:.3f} |" for st, v in eq.items()]
     if "gap" in summary:
         g = summary["gap"]
-        lines += ["", f"Steps to close {g['fraction']:.0%} of the gap {g['from']} -> {g['to']} (per seed; '>' = not reached)", "",
-                  "| stage | steps per seed |", "|---|---|"]
+        lines += [
+            "",
+            f"Steps to close {g['fraction']:.0%} of the gap {g['from']} -> {g['to']} (per seed; '>' = not reached)",
+            "",
+            "| stage | steps per seed |",
+            "|---|---|",
+        ]
         for st, per in g["steps_to_target"].items():
             lines.append(f"| {st} | {', '.join(('' if p['reached'] else '>') + str(p['step']) for p in per)} |")
     return "\n".join(lines) + "\n"
@@ -136,7 +156,9 @@ def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
     if "gap" in summary:
         targets = [p["target"] for per in summary["gap"]["steps_to_target"].values() for p in per]
         if targets:
-            ax.axhline(statistics.fmean(targets), ls=":", c="gray", lw=1, label=f"{summary['gap']['fraction']:.0%} of the gap")
+            ax.axhline(
+                statistics.fmean(targets), ls=":", c="gray", lw=1, label=f"{summary['gap']['fraction']:.0%} of the gap"
+            )
     ax.set_xlabel("student updates")
     ax.set_ylabel(f"held-out {summary['metric']}")
     ax.set_title(f"{title} ({len(summary['runs'])} seeds, mean ± std)")
@@ -145,4 +167,3 @@ def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

@@ -5,6 +5,7 @@ missing file is refused with one line naming the key path and the fix.
 
     mmdistill train configs/text/quickstart.yaml stages.student_opd.train.steps=10
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,21 +24,6 @@ import yaml
 from mmdistill.errors import ConfigError
 
 # ----------------------------------------------------------------------------- schema
-
-
-@dataclass
-class TinyLMConfig:
-    """A random-init causal LM built from this section (tests, demos, CPU runs)."""
-
-    arch: Literal["qwen3", "llama"] = "qwen3"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int | None = None  # default 4 x hidden_size
-    max_position_embeddings: int = 512
-    tie_word_embeddings: bool = True
-    seed: int = 0
 
 
 @dataclass
@@ -81,31 +67,21 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
-    device: str | None = None  # e.g. "cuda:1": keep this (teacher) model on another device; scores are moved to the student's
-    cross_tokenizer: bool = False  # a teacher with its own tokenizer (a `path` checkpoint): X-Token projection to the run's
+    device: str | None = (
+        None  # e.g. "cuda:1": keep this (teacher) model on another device; scores are moved to the student's
+    )
+    kind: str = "checkpoint"  # or a teacher kind of the adapter (AdapterSpec.model_kinds), e.g. cross_tokenizer
+    options: dict[str, Any] = field(default_factory=dict)  # options of that kind, checked by the adapter
 
 
 @dataclass
 class TokenizerConfig:
-    """`path`: load with AutoTokenizer; otherwise a word-level tokenizer is built offline
-    from the task's vocabulary (saved beside every checkpoint)."""
+    """The run's tokenizer, built by the adapter (`build_tokenizer`): from `path`, else from the
+    first checkpoint model, else offline from the task's vocabulary; saved beside every checkpoint."""
 
     path: str | None = None
     chat_template: str | None = None
     level: Literal["word", "char"] = "word"  # offline tokenizers: words as tokens, or one token per character
-
-
-@dataclass
-class RolloutConfig:
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    group_size: int = 1  # rollouts per prompt (GRPO groups)
-    engine: str = "hf"  # text: the generation engine (modalities/text/engine.py; `hf` = KV-cache loop)
-    # flow models: SDE sampling (docs/objectives.md section 6)
-    num_steps: int = 10  # denoising steps
-    guidance_scale: float = 1.0  # classifier-free guidance (<= 1: none)
-    noise_level: float = 0.7  # the SDE's a; 0 = Euler ODE
-    logprob_reduce: Literal["sum", "mean"] = "sum"  # log-density over latent dims, or Flow-GRPO's mean
 
 
 @dataclass
@@ -118,44 +94,37 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     max_grad_norm: float | None = 1.0
-    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (PPO-style reuse; clipped objectives stay valid)
+    updates_per_rollout: int = (
+        1  # optimizer steps on each rollout batch (PPO-style reuse; clipped objectives stay valid)
+    )
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
-    stop_at: dict[str, float] = field(default_factory=dict)  # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
+    stop_at: dict[str, float] = field(
+        default_factory=dict
+    )  # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
     min_lr_ratio: float = 0.0  # cosine / linear schedules decay to lr * min_lr_ratio
     save_every: int = 50
     chunk_size: int = 1024  # rows of logits materialised at once in divergences
-    teacher_batch_size: int | None = None  # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
-
-
-@dataclass
-class EvalConfig:
-    n: int = 200
-    batch_size: int = 200
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy
-    k: int = 1  # samples per problem for pass@k (k > 1 needs temperature > 0)
-    split: str = "test"
-    num_steps: int = 10  # flow models: Euler ODE steps at evaluation
-    guidance_scale: float = 1.0  # flow models: classifier-free guidance at evaluation
-    grid: int = 16  # flow models: images in the sample grid written at every evaluation
+    teacher_batch_size: int | None = (
+        None  # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
+    )
 
 
 @dataclass
 class StageConfig:
     name: str = "train"
-    kind: Literal["train", "eval", "precompute"] = "train"  # precompute: teacher log-prob shards (Lightning OPD)
+    kind: str = "train"  # a registered stage kind: train, eval, or one a modality adds (precompute)
     student: str | None = None  # a key of `models` or the name of an earlier stage
     teacher: str | None = None
     teachers: dict[str, str] = field(default_factory=dict)  # routing: prompt tag -> teacher (Flow-OPD)
     anchor: str | None = None  # frozen task-agnostic model (Manifold Anchor Regularization)
     objective: dict[str, Any] = field(default_factory=lambda: {"type": "opd"})
     task: dict[str, Any] | None = None
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: Any = field(default_factory=dict)  # the adapter's own rollout config (AdapterSpec.rollout_config)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: Any = field(default_factory=dict)  # the adapter's own eval config (AdapterSpec.eval_config)
     evaluate: dict[str, str] = field(default_factory=dict)  # kind=eval: report key -> model ref
-    precompute: dict[str, Any] = field(default_factory=dict)  # kind=precompute: options of lightning.run_precompute_stage
+    precompute: dict[str, Any] = field(default_factory=dict)  # options of a modality's stage kind (precompute)
 
 
 @dataclass
@@ -184,8 +153,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
-        return getattr(origin, "__name__", str(tp))
-    return getattr(tp, "__name__", str(tp))
+        return origin.__name__ if isinstance(origin, type) else str(tp)
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -250,10 +219,26 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+# Keys and objective names that were replaced: (the last part of the key path, or "objective:NAME") -> the fix.
+RENAMED = {
+    "cross_tokenizer": "a cross-tokenizer teacher is now a model kind: write `kind: cross_tokenizer` in that model's entry",
+    "objective:xtoken_kl": (
+        "the cross-tokenizer teacher is now a model kind: give the teacher `kind: cross_tokenizer` and use objective "
+        "type reverse_kl (or jsd with its beta)"
+    ),
+    "objective:lightning_opd": (
+        "stored teacher log-probs are now a model kind: give the teacher `kind: stored_logits` (path: the precompute "
+        "stage's shards) and use objective type reverse_kl (or jsd) with source: dataset"
+    ),
+}
+
+
 def _unknown_key(key: str, known: list[str], path: str) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    if key in RENAMED:
+        return ConfigError(f"config key '{where}' is no longer read: {RENAMED[key]}")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-    where = f"{path}.{key}" if path else key
     return ConfigError(f"unknown config key '{where}'; {hint}")
 
 
@@ -272,7 +257,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
 def check_kwargs(fn: Any, kwargs: dict, path: str) -> dict:
     """Validate keyword arguments for a registered builder (class or function) by its signature."""
     sig = inspect.signature(fn)
-    params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     try:
         hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
     except Exception:  # pragma: no cover - unresolvable annotations
@@ -406,7 +393,9 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     """A path on disk, or one inside the packaged configs (`configs/text/quickstart.yaml`)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        raise ConfigError(f"'{path}' is a directory; give a YAML config file (to continue a run: mmdistill train --resume {path})")
+        raise ConfigError(
+            f"'{path}' is a directory; give a YAML config file (to continue a run: mmdistill train --resume {path})"
+        )
     if p.exists():
         return p
     import mmdistill.configs as pkg
@@ -415,108 +404,171 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     packaged = Path(pkg.__file__).parent / rel
     if packaged.exists():
         return packaged
-    raise ConfigError(f"config file '{path}' not found; give a path to a YAML file (`mmdistill list` shows the packaged ones)")
+    raise ConfigError(
+        f"config file '{path}' not found; give a path to a YAML file (`mmdistill list` shows the packaged ones)"
+    )
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that need the whole config (references, registries, files)."""
-    from mmdistill.registry import ADAPTERS, OBJECTIVES, TASKS
+    """Cross-field checks that need the whole config (references, registries, files); the stage
+    `rollout:` and `eval:` sections become the adapter's own config dataclasses here."""
+    from mmdistill.registry import ADAPTERS, OBJECTIVES, STAGE_KINDS, TASKS
 
     if cfg.adapter not in ADAPTERS:
         raise ConfigError(f"adapter: unknown adapter '{cfg.adapter}'; known: {', '.join(ADAPTERS.names())}")
     _check_task(cfg.task, "task", TASKS)
-    adapter_cls = ADAPTERS.get(cfg.adapter)
+    spec = ADAPTERS.get(cfg.adapter).spec
     for name, m in cfg.models.items():
         if sum(x is not None for x in (m.path, m.tiny, m.prune, m.merge)) != 1:
             raise ConfigError(
                 f"models.{name}: give exactly one of 'path' (checkpoint), 'tiny' (random init), "
                 "'prune' (layers of another model) or 'merge' (average of other models)"
             )
+        if m.kind != "checkpoint" and m.kind not in spec.model_kinds:
+            known = ", ".join(("checkpoint", *spec.model_kinds))
+            raise ConfigError(
+                f"models.{name}.kind: '{m.kind}' is not a model kind of adapter '{cfg.adapter}'; known: {known}"
+            )
         if isinstance(m.tiny, dict):
-            tiny_cls = getattr(adapter_cls, "tiny_config", None)
-            if tiny_cls is None:
-                raise ConfigError(f"models.{name}.tiny: adapter '{cfg.adapter}' cannot build random-init models; give a 'path'")
-            m.tiny = from_dict(tiny_cls, m.tiny, f"models.{name}.tiny")
+            if spec.tiny_config is None:
+                raise ConfigError(
+                    f"models.{name}.tiny: adapter '{cfg.adapter}' cannot build random-init models; give a 'path'"
+                )
+            m.tiny = from_dict(spec.tiny_config, m.tiny, f"models.{name}.tiny")
         if m.merge is not None:
             if len(m.merge.sources) < 2:
-                raise ConfigError(f"models.{name}.merge.sources: list at least two models to average, e.g. [teacher_a, teacher_b]")
-            if m.merge.weights is not None and (len(m.merge.weights) != len(m.merge.sources) or abs(sum(m.merge.weights) - 1) > 1e-6):
-                raise ConfigError(f"models.{name}.merge.weights: give one weight per source, summing to 1 (or null for equal weights)")
+                raise ConfigError(
+                    f"models.{name}.merge.sources: list at least two models to average, e.g. [teacher_a, teacher_b]"
+                )
+            if m.merge.weights is not None and (
+                len(m.merge.weights) != len(m.merge.sources) or abs(sum(m.merge.weights) - 1) > 1e-6
+            ):
+                raise ConfigError(
+                    f"models.{name}.merge.weights: give one weight per source, summing to 1 (or null for equal weights)"
+                )
         if m.prune is not None and not m.prune.keep_layers:
             raise ConfigError(f"models.{name}.prune.keep_layers: empty; list the decoder layers to keep, e.g. [0, 3]")
         if m.path is not None and m.path.startswith("~"):
             m.path = str(Path(m.path).expanduser())
-        if m.path is not None and _looks_local(m.path) and not Path(m.path).exists():
+        if m.kind in spec.model_options:  # a teacher kind's options, checked before any compute
+            m.options = dataclasses.asdict(_section(spec.model_options[m.kind], m.options, f"models.{name}.options"))
+        elif m.options:
+            raise ConfigError(f"models.{name}.options: a '{m.kind}' model takes no options; remove them")
+        if m.kind == "checkpoint" and m.path is not None and _looks_local(m.path) and not Path(m.path).exists():
             raise ConfigError(
                 f"models.{name}.path: checkpoint '{m.path}' does not exist; fix the path or train it first"
             )
     if cfg.tokenizer.path is not None and _looks_local(cfg.tokenizer.path) and not Path(cfg.tokenizer.path).exists():
         raise ConfigError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist; fix the path")
     seen: list[str] = []
-    for i, st in enumerate(cfg.stages):
+    for st in cfg.stages:
         where = f"stages.{st.name}"
         if st.name in seen or st.name in cfg.models:
             raise ConfigError(f"{where}: the name '{st.name}' is used twice; give each stage and model its own name")
+        if st.kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}.kind: unknown stage kind '{st.kind}'; known: {', '.join(STAGE_KINDS.names())}")
+        st.rollout = _section(spec.rollout_config, st.rollout, f"{where}.rollout")
+        st.eval = _section(spec.eval_config, st.eval, f"{where}.eval")
         refs = list(cfg.models) + seen
         if st.kind == "train":
-            if st.student is None:
-                raise ConfigError(f"{where}.student: missing; name a model from 'models' or an earlier stage")
-            for role in ("student", "teacher"):
-                ref = getattr(st, role)
-                if ref is not None and ref not in refs:
-                    raise ConfigError(
-                        f"{where}.{role}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
-                    )
-                _check_derived(cfg, ref, refs, st.name)
-            for tag, ref in st.teachers.items():
-                if ref not in refs:
-                    raise ConfigError(f"{where}.teachers.{tag}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
-                _check_derived(cfg, ref, refs, st.name)
-            if st.anchor is not None:
-                if st.anchor not in refs:
-                    raise ConfigError(f"{where}.anchor: '{st.anchor}' is neither a model nor an earlier stage; choose one of {refs}")
-                _check_derived(cfg, st.anchor, refs, st.name)
-            if st.teachers and not getattr(adapter_cls, "supports_routing", False):
-                raise ConfigError(f"{where}.teachers: adapter '{cfg.adapter}' does not route prompts to several teachers; use {where}.teacher")
-            if st.teacher is not None and st.teachers:
-                raise ConfigError(f"{where}: give either 'teacher' (one model) or 'teachers' (routing tag -> model), not both")
-            obj = dict(st.objective)
-            otype = obj.pop("type", None)
-            if otype is None:
-                raise ConfigError(f"{where}.objective.type: missing; choose one of {', '.join(OBJECTIVES.names())}")
-            if otype not in OBJECTIVES:
-                close = difflib.get_close_matches(otype, OBJECTIVES.names(), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(OBJECTIVES.names())}"
-                raise ConfigError(f"{where}.objective.type: unknown objective '{otype}'; {hint}")
-            obj_cls = OBJECTIVES.get(otype)
-            try:  # building it is cheap and checks value ranges before any stage runs
-                objective = obj_cls(**check_kwargs(obj_cls, obj, f"{where}.objective"))
-            except ValueError as e:
-                raise ConfigError(f"{where}.{e}") from None
-            if objective.needs_teacher and st.teacher is None and not st.teachers:
-                raise ConfigError(f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher (or {where}.teachers)")
-            if getattr(objective, "needs_anchor", False) and st.anchor is None:
-                raise ConfigError(f"{where}.anchor: objective '{otype}' with mar_coef > 0 needs an anchor model; set {where}.anchor or mar_coef=0")
-            if getattr(objective, "policy_gradient", False) and st.rollout.temperature <= 0:
-                raise ConfigError(f"{where}.rollout.temperature: '{otype}' learns from sampled tokens and needs temperature > 0")
-            _check_positive(st, where)
+            _validate_train_stage(cfg, st, refs, where, spec, OBJECTIVES)
             if st.task is not None:
                 _check_task(st.task, f"{where}.task", TASKS)
-        elif st.kind == "precompute":
-            if st.teacher is None or st.teacher not in refs:
-                raise ConfigError(f"{where}.teacher: a precompute stage scores with one teacher; name a model or an earlier stage from {refs}")
-            _check_derived(cfg, st.teacher, refs, st.name)
-            if st.task is not None:
-                _check_task(st.task, f"{where}.task", TASKS)
-        else:
-            _check_positive(st, where)
+        elif st.kind == "eval":
+            _check_train_keys(st, where)
             if not st.evaluate:
-                raise ConfigError(f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}")
+                raise ConfigError(
+                    f"{where}.evaluate: empty; map report keys to models, e.g. student_accuracy: {refs[-1] if refs else 'student'}"
+                )
             for key, ref in st.evaluate.items():
                 _check_derived(cfg, ref, refs, st.name)
                 if ref not in refs:
-                    raise ConfigError(f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
+                    raise ConfigError(
+                        f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
+                    )
+        else:  # a modality's stage kind (e.g. precompute) scores with at most one teacher
+            if st.teacher is None or st.teacher not in refs:
+                raise ConfigError(
+                    f"{where}.teacher: a {st.kind} stage scores with one teacher; name a model or an earlier stage from {refs}"
+                )
+            _check_derived(cfg, st.teacher, refs, st.name)
+            if st.task is not None:
+                _check_task(st.task, f"{where}.task", TASKS)
         seen.append(st.name)
+
+
+def _section(cls: type, value: Any, path: str) -> Any:
+    """A stage's `rollout:` / `eval:` mapping as the adapter's dataclass (already one: kept)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields, got {value!r}")
+    try:
+        return from_dict(cls, value, path)
+    except ValueError as e:  # a range check in the dataclass's __post_init__
+        raise ConfigError(f"{path}.{e}") from None
+
+
+def _validate_train_stage(
+    cfg: RunConfig, st: StageConfig, refs: list[str], where: str, spec: Any, OBJECTIVES: Any
+) -> None:
+    if st.student is None:
+        raise ConfigError(f"{where}.student: missing; name a model from 'models' or an earlier stage")
+    for role in ("student", "teacher", "anchor"):
+        ref = st.__dict__[role]
+        if ref is not None and ref not in refs:
+            raise ConfigError(f"{where}.{role}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}")
+        if ref is not None:
+            _check_derived(cfg, ref, refs, st.name)
+    for tag, ref in st.teachers.items():
+        if ref not in refs:
+            raise ConfigError(
+                f"{where}.teachers.{tag}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
+            )
+        _check_derived(cfg, ref, refs, st.name)
+    if st.teachers and not spec.supports_routing:
+        raise ConfigError(
+            f"{where}.teachers: adapter '{cfg.adapter}' does not route prompts to several teachers; use {where}.teacher"
+        )
+    if st.teacher is not None and st.teachers:
+        raise ConfigError(f"{where}: give either 'teacher' (one model) or 'teachers' (routing tag -> model), not both")
+    obj = dict(st.objective)
+    otype = obj.pop("type", None)
+    if otype is None:
+        raise ConfigError(f"{where}.objective.type: missing; choose one of {', '.join(OBJECTIVES.names())}")
+    if otype not in OBJECTIVES:
+        if f"objective:{otype}" in RENAMED:
+            raise ConfigError(
+                f"{where}.objective.type: '{otype}' is no longer an objective: {RENAMED['objective:' + otype]}"
+            )
+        close = difflib.get_close_matches(otype, OBJECTIVES.names(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(OBJECTIVES.names())}"
+        raise ConfigError(f"{where}.objective.type: unknown objective '{otype}'; {hint}")
+    obj_cls = OBJECTIVES.get(otype)
+    try:  # building it is cheap and checks value ranges before any stage runs
+        objective = obj_cls(**check_kwargs(obj_cls, obj, f"{where}.objective"))
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    needs = objective.needs
+    if needs.teacher and st.teacher is None and not st.teachers:
+        raise ConfigError(
+            f"{where}.teacher: objective '{otype}' needs a teacher; set {where}.teacher (or {where}.teachers)"
+        )
+    if needs.anchor and st.anchor is None:
+        raise ConfigError(
+            f"{where}.anchor: objective '{otype}' with mar_coef > 0 needs an anchor model; set {where}.anchor or mar_coef=0"
+        )
+    if needs.sampled_actions and st.rollout.temperature <= 0:
+        raise ConfigError(
+            f"{where}.rollout.temperature: '{otype}' learns from sampled tokens and needs temperature > 0"
+        )
+    micro = st.train.micro_batch_size
+    if needs.whole_groups and micro is not None and micro % st.rollout.group_size:
+        raise ConfigError(
+            f"{where}.train.micro_batch_size={micro}: objective '{otype}' normalises over whole prompt groups; "
+            f"set it to a multiple of rollout.group_size={st.rollout.group_size}"
+        )
+    _check_train_keys(st, where)
 
 
 def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> None:
@@ -528,31 +580,40 @@ def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> Non
     for src in sources:
         kind = "prune.source" if m.prune is not None else "merge.sources"
         if src not in refs:
-            raise ConfigError(f"models.{ref}.{kind}: '{src}' is not a model or a stage before '{stage}'; choose one of {refs}")
+            raise ConfigError(
+                f"models.{ref}.{kind}: '{src}' is not a model or a stage before '{stage}'; choose one of {refs}"
+            )
         _check_derived(cfg, src, refs, stage)
 
 
-def _check_positive(st: StageConfig, where: str) -> None:
-    for section, key, low in (
-        ("train", "steps", 0), ("train", "batch_size", 1), ("train", "micro_batch_size", 1), ("train", "log_every", 1),
-        ("train", "chunk_size", 1), ("train", "teacher_batch_size", 1), ("train", "updates_per_rollout", 1), ("train", "save_every", 0), ("train", "eval_every", 0), ("train", "lr", 0.0),
-        ("rollout", "group_size", 1), ("rollout", "max_new_tokens", 1), ("rollout", "temperature", 0.0),
-        ("eval", "n", 1), ("eval", "batch_size", 1), ("eval", "k", 1), ("eval", "max_new_tokens", 1), ("eval", "temperature", 0.0),
-        ("rollout", "num_steps", 1), ("rollout", "noise_level", 0.0), ("eval", "num_steps", 1), ("eval", "grid", 0),
+def _check_train_keys(st: StageConfig, where: str) -> None:
+    for key, low in (
+        ("steps", 0),
+        ("batch_size", 1),
+        ("micro_batch_size", 1),
+        ("log_every", 1),
+        ("chunk_size", 1),
+        ("teacher_batch_size", 1),
+        ("updates_per_rollout", 1),
+        ("save_every", 0),
+        ("eval_every", 0),
+        ("lr", 0.0),
     ):
-        value = getattr(getattr(st, section), key)
+        value = st.train.__dict__[key]
         if value is not None and value < low:
-            raise ConfigError(f"{where}.{section}.{key}: {value} is below the smallest allowed value {low}")
-    if st.eval.k > 1 and st.eval.temperature <= 0:
-        raise ConfigError(f"{where}.eval.k={st.eval.k} needs eval.temperature > 0 (greedy samples are all the same)")
+            raise ConfigError(f"{where}.train.{key}: {value} is below the smallest allowed value {low}")
     if st.train.stop_at and not st.train.eval_every:
         raise ConfigError(f"{where}.train.stop_at needs train.eval_every > 0 (the metrics are read at each evaluation)")
     if not 0.0 <= st.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"{where}.train.min_lr_ratio must lie in [0, 1]; got {st.train.min_lr_ratio}")
     if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
-        raise ConfigError(f"{where}.train.micro_batch_size={st.train.micro_batch_size} must divide train.batch_size={st.train.batch_size}")
+        raise ConfigError(
+            f"{where}.train.micro_batch_size={st.train.micro_batch_size} must divide train.batch_size={st.train.batch_size}"
+        )
     if st.train.batch_size % st.rollout.group_size:
-        raise ConfigError(f"{where}.train.batch_size={st.train.batch_size} must be a multiple of rollout.group_size={st.rollout.group_size}")
+        raise ConfigError(
+            f"{where}.train.batch_size={st.train.batch_size} must be a multiple of rollout.group_size={st.rollout.group_size}"
+        )
 
 
 def _check_task(task: dict, where: str, TASKS: Any) -> None:

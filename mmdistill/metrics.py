@@ -1,7 +1,8 @@
 """Metrics as JSONL, and PNG plots of the curves that matter.
 
-    python -c "from mmdistill.metrics import plot_curves; plot_curves('runs/quickstart/student_opd/metrics.jsonl', 'curves.png')"
+python -c "from mmdistill.metrics import plot_curves; plot_curves('runs/quickstart/student_opd/metrics.jsonl', 'curves.png')"
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ class MetricsLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and _step_of(l) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if _step_of(line) is not None and _step_of(line) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 

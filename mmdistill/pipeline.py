@@ -4,20 +4,21 @@ so a pipeline stopped anywhere resumes at the stage (and step) where it stopped.
     mmdistill train configs/text/quickstart.yaml
     mmdistill train --resume runs/quickstart
 """
+
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmdistill.checkpoint import atomic_write_text
+from mmdistill.checkpoint import atomic_dir, atomic_write_text
 from mmdistill.config import RunConfig, save_resolved
-from mmdistill.registry import ADAPTERS
-from mmdistill.train import RunContext, build_task, run_eval_stage, run_train_stage
+from mmdistill.registry import ADAPTERS, STAGE_KINDS
+from mmdistill.report import build_report, plot_report, print_table
+from mmdistill.train import RunContext, build_task
 
 
 def make_accelerator(device: str) -> Any:
@@ -52,33 +53,23 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     torch.manual_seed(cfg.seed)
     acc = make_accelerator(cfg.device)
     task = build_task(cfg.task)
-    if hasattr(task, "summary") and not quiet:
-        print(f"[task] {task.summary()}")
+    summary = task.summary()
+    if summary and not quiet:
+        print(f"[task] {summary}")
     adapter_cls = ADAPTERS.get(cfg.adapter)
     for name, m in cfg.models.items():  # pre-flight: checkpoints are of the adapter's kind
-        if m.path is not None and hasattr(adapter_cls, "check_checkpoint"):
+        if m.path is not None and m.kind == "checkpoint":
             adapter_cls.check_checkpoint(m.path, name)
-    tok_dir = run_dir / "tokenizer"
-    if not getattr(adapter_cls, "needs_tokenizer", True):
-        tokenizer = None  # an adapter without a tokenizer (state-based robot policies)
-    elif (tok_dir / "tokenizer_config.json").exists():  # resumed run: the exact tokenizer of the first start
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    else:
-        from mmdistill.checkpoint import atomic_dir
-
-        tokenizer = adapter_cls.build_tokenizer(cfg.tokenizer, task, cfg.models)
-        with atomic_dir(tok_dir) as tmp:
-            tokenizer.save_pretrained(str(tmp))
+    tokenizer = _run_tokenizer(cfg, adapter_cls, task, run_dir)
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
-        if m.path is not None and not m.cross_tokenizer and hasattr(adapter_cls, "check_tokenizer_of"):
-            adapter_cls.check_tokenizer_of(m.path, tokenizer, name, compare_chat_template=cfg.tokenizer.chat_template is None)
+        if m.path is not None and m.kind == "checkpoint" and tokenizer is not None:
+            adapter_cls.check_tokenizer_of(
+                m.path, tokenizer, name, compare_chat_template=cfg.tokenizer.chat_template is None
+            )
 
     chunk = cfg.stages[0].train.chunk_size
     adapter = adapter_cls(tokenizer, device=acc.device, chunk_size=chunk)
-    if hasattr(adapter, "bind"):  # adapters whose models depend on the task (the environment's sizes)
-        adapter.bind(task)
+    adapter.bind(task)  # adapters whose models depend on the task (the environment's sizes)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)
 
     t0 = time.time()
@@ -91,146 +82,27 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
             continue
         if not quiet:
             print(f"[{st.name}] {st.kind} stage starting")
-        if st.kind == "precompute":
-            from mmdistill.modalities.text.lightning import run_precompute_stage
-
-            result = run_precompute_stage(ctx, st)
-        else:
-            result = run_train_stage(ctx, st) if st.kind == "train" else run_eval_stage(ctx, st)
+        result = STAGE_KINDS.get(st.kind)(ctx, st)
         atomic_write_text(result_path, json.dumps(result, indent=1))
         ctx.stage_results[st.name] = result
     report = build_report(ctx.stage_results, seconds=time.time() - t0)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
-    plot_report(ctx, run_dir / "report.png")
+    plot_report(ctx.stage_results, run_dir, run_dir / "report.png")
     if not quiet:
         print_table(report)
         print(f"report: {run_dir / 'report.json'}")
     return report
 
 
-def build_report(stage_results: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Every eval stage's keys at the top level (`teacher_accuracy: 0.93`), plus per-stage details."""
-    from mmdistill.train import headline
-
-    report: dict[str, Any] = {}
-    for name, res in stage_results.items():
-        if res.get("kind") == "eval":
-            for key, r in res["results"].items():
-                # text: the accuracy; flow: {color_reward: .., position_reward: ..}; robots also
-                # {success_by_task: {...}, video: path}
-                report[key] = r["accuracy"] if "accuracy" in r else headline(r) | _details(r)
-        elif "accuracy" in res["eval"]:
-            report[f"{name}_final_accuracy"] = res["eval"]["accuracy"]
-        else:
-            report[f"{name}_final"] = headline(res["eval"])
-    t, b, a = (report.get(k) for k in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"))
-    if None not in (t, b, a) and t > b:
-        report["gap_closed"] = (a - b) / (t - b)
-    report["stages"] = {
-        n: {k: v for k, v in r.items() if k != "eval"} | (headline(r["eval"]) if "eval" in r else {})
-        for n, r in stage_results.items()
-    }
-    report["seconds"] = round(seconds, 1)
-    return report
-
-
-def _details(r: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation's per-group results (dicts of numbers) and its video or image path."""
-    return {k: v for k, v in r.items() if (isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())) or k == "video"}
-
-
-def print_table(report: dict[str, Any]) -> None:
-    from mmdistill.train import headline
-
-    rows = [(k, v) for k, v in report.items() if isinstance(v, float) and k != "seconds"]
-    nested = [(k, headline(v)) for k, v in report.items() if isinstance(v, dict) and k != "stages"]
-    nested = [(k, v) for k, v in nested if v]
-    if rows:
-        w = max(len(k) for k, _ in rows)
-        print("-" * (w + 12))
-        for k, v in rows:
-            print(f"{k:<{w}}  {v:8.3f}")
-        print("-" * (w + 12))
-    if nested:  # one row per model, one column per metric
-        cols = list(dict.fromkeys(c for _, v in nested for c in v))
-        w = max(len(k) for k, _ in nested)
-        print(f"{'':<{w}}  " + "  ".join(f"{c:>15}" for c in cols))
-        for k, v in nested:
-            print(f"{k:<{w}}  " + "  ".join(f"{v[c]:15.3f}" if c in v else f"{'':>15}" for c in cols))
-
-
-NOT_SCORES = ("decisions",)  # evaluation counts left out of the results bar chart
-
-
-def plot_report(ctx: RunContext, png: Path) -> None:
-    """Bar chart of the evaluated models, next to the training curves of every stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmdistill.metrics import read_jsonl
-
-    from mmdistill.train import headline
-
-    evals = [(k, headline(r)) for res in ctx.stage_results.values() if res.get("kind") == "eval" for k, r in res["results"].items()]
-    curves = [(n, ctx.run_dir / n / "metrics.jsonl") for n, r in ctx.stage_results.items() if r.get("kind") == "train"]
-    curves = [(n, p) for n, p in curves if p.exists()]
-    if not evals and not curves:
-        return
-    # the results bar chart, then one panel of curves per training stage (training reward, evaluations),
-    # and, when the adapter logs it (robot policies), the policy entropy of every stage in one panel
-    entropy = [(n, [(r["step"], r["entropy"]) for r in read_jsonl(p) if "entropy" in r]) for n, p in curves]
-    entropy = [(n, pts) for n, pts in entropy if pts]
-    panels = len(curves) + (1 if entropy else 0)
-    cols = 3
-    rows_n = 1 + math.ceil(panels / cols) if panels else 1
-    fig = plt.figure(figsize=(12, 3.6 * rows_n))
-    grid = fig.add_gridspec(rows_n, cols)
-    ax0 = fig.add_subplot(grid[0, :])
-    if evals:  # grouped horizontal bars: one group per model, one bar per metric
-        metrics = list(dict.fromkeys(m for _, h in evals for m in h if not m.startswith("pass@") and m not in NOT_SCORES))
-        height = 0.8 / max(len(metrics), 1)
-        for j, m in enumerate(metrics):
-            ys = [i + j * height for i in range(len(evals))]
-            vals = [h.get(m, 0.0) for _, h in evals]
-            ax0.barh(ys, vals, height=height, label=m)
-            for y, v in zip(ys, vals):
-                ax0.text(v + 0.01, y, f"{v:.3f}", va="center", fontsize=7)
-        ax0.set_yticks([i + 0.4 - height / 2 for i in range(len(evals))], [k for k, _ in evals])
-        allv = [v for _, h in evals for k, v in h.items() if k in metrics]
-        ax0.set_xlim(min(0.0, min(allv) * 1.15), max(1.1, max(allv) * 1.15))
-        ax0.set_xlabel("held-out score")
-        if len(metrics) > 1:
-            ax0.legend(fontsize=7, loc="lower right")
-    for i, (name, path) in enumerate(curves):
-        ax = fig.add_subplot(grid[1 + i // cols, i % cols])
-        rows = read_jsonl(path)
-        key = next((k for k in ("student_reward", "teacher_reward") if any(k in r for r in rows)), None)
-        if key:
-            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], lw=0.8, alpha=0.6, label=f"train: {key}")
-        final = headline(ctx.stage_results[name].get("eval", {}))  # the stage's final evaluation ends each curve
-        for j, m in enumerate(dict.fromkeys([k[len("eval_"):] for r in rows for k in r if k.startswith("eval_")] + list(final))):
-            if m.startswith("pass@") or m in NOT_SCORES:
-                continue
-            ev = [(r["step"], r[f"eval_{m}"]) for r in rows if f"eval_{m}" in r]
-            if m in final:
-                ev.append((ctx.stage_results[name].get("steps", ev[-1][0] if ev else 0), final[m]))
-            ax.plot(*zip(*ev), "o--", color=f"C{j}", label=m)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
-        if ys and 0 <= min(ys) and max(ys) <= 1:
-            ax.set_ylim(0, 1.02)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    if entropy:
-        ax = fig.add_subplot(grid[1 + len(curves) // cols, len(curves) % cols])
-        for j, (name, pts) in enumerate(entropy):
-            ax.plot(*zip(*pts), "-", color=f"C{j}", label=name)
-        ax.set_title("policy entropy per decision (training rollouts)", fontsize=9)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+def _run_tokenizer(cfg: RunConfig, adapter_cls: Any, task: Any, run_dir: Path) -> Any:
+    """The run's tokenizer: the one saved at the first start (a resumed run), else the adapter builds it
+    and it is saved in RUN_DIR/tokenizer; None for adapters without one (state-based robot policies)."""
+    if not adapter_cls.spec.needs_tokenizer:
+        return None
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.is_dir() and any(tok_dir.iterdir()):
+        return adapter_cls.load_tokenizer(str(tok_dir))
+    tokenizer = adapter_cls.build_tokenizer(cfg.tokenizer, task, cfg.models)
+    with atomic_dir(tok_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return tokenizer

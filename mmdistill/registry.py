@@ -1,13 +1,15 @@
-"""Registries by name: objectives, adapters, tasks.
+"""Registries by name: objectives, adapters, tasks, stage kinds.
 
 The name used in YAML (`type: opd`) is the registry name.  Registration is a
 decorator; `mmdistill list` prints every registry.
 
     mmdistill list
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Registry:
@@ -48,34 +50,22 @@ class Registry:
 OBJECTIVES = Registry("objective")
 ADAPTERS = Registry("adapter")
 TASKS = Registry("task")
+STAGE_KINDS = Registry("stage kind")  # `stages[].kind`: run(ctx, stage) -> result dict
 
 _loaded = False
 
 
 def _load_builtins() -> None:
-    """Import the modules whose decorators fill the registries (once)."""
+    """Import the two packages whose modules register themselves (once).
+
+    `mmdistill.objectives` and `mmdistill.modalities` each import their own modules in their
+    `__init__`; the core names no module of either."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     import importlib
 
-    for mod in (
-        "mmdistill.objectives.registered",
-        "mmdistill.objectives.registered_text",
-        "mmdistill.objectives.registered_guided",
-        "mmdistill.modalities.text.adapter",
-        "mmdistill.modalities.text.registered_tasks",
-        "mmdistill.modalities.text.lightning",  # Lightning OPD: teacher shards task and objective
-        "mmdistill.objectives.xtoken",  # cross-tokenizer distillation
-        "mmdistill.objectives.registered_flow",  # needs only torch
-        "mmdistill.modalities.robot.adapter",
-        "mmdistill.modalities.robot.task",
-    ):
-        importlib.import_module(mod)
-    for mod in ("mmdistill.modalities.flow.adapter", "mmdistill.modalities.flow.task"):
-        try:  # the flow extra (diffusers) may not be installed
-            importlib.import_module(mod)
-        except ImportError as e:
-            if "diffusers" not in str(e):
-                raise
+    importlib.import_module("mmdistill.train")  # the core stage kinds: train, eval
+    importlib.import_module("mmdistill.objectives")
+    importlib.import_module("mmdistill.modalities")

@@ -1,5 +1,8 @@
 """Step distributions: the per-step action distributions every objective talks to.
 
+Each class implements the whole `mmdistill.interfaces.StepDist` Protocol; a member that has
+no meaning for a family (top-k of a Gaussian) raises a ValueError that says what to use.
+
 A text token is a Categorical step; a continuous robot action a diagonal
 Gaussian; a denoising step under SDE sampling a Gaussian whose mean comes from
 the velocity.  Objectives are written once against this protocol.
@@ -8,38 +11,42 @@ All methods return per-step tensors `[B, T]` with zeros where `mask_B_T` is 0.
 
     python -m pytest tests/test_stepdist.py
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mmdistill.objectives.divergence import (
-    _rows_per_chunk,
+from mmdistill.interfaces import StepDist
+from mmdistill.kernels import (
     chunked_divergence,
     chunked_entropy,
     chunked_token_logp,
     generalized_jsd,
+    rows_per_chunk,
     topk_tail,
     topk_tail_divergence,
 )
 
 
-@runtime_checkable
-class StepDist(Protocol):
-    mask_B_T: Tensor
+def _rows(mask_B_T: Tensor, rows: slice | Tensor) -> Tensor:
+    """Indices into the masked (row-major) entries `[N]` that belong to batch rows `rows`, in their order."""
+    counts_B = mask_B_T.bool().sum(1)
+    starts_B = counts_B.cumsum(0) - counts_B
+    picked = torch.arange(mask_B_T.shape[0], device=mask_B_T.device)[rows]
+    parts = [
+        torch.arange(int(starts_B[r]), int(starts_B[r] + counts_B[r]), device=mask_B_T.device) for r in picked.tolist()
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=mask_B_T.device)
 
-    def log_prob(self, actions_B_T: Tensor) -> Tensor: ...
 
-    def kl(self, other: "StepDist") -> Tensor:  # KL(self || other) per step
-        ...
-
-    def entropy(self) -> Tensor: ...
+def _no(what: str, family: str, fix: str) -> ValueError:
+    return ValueError(f"{family} step distributions have no {what}; {fix}")
 
 
 def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:
@@ -65,12 +72,17 @@ class Categorical:
         lp = self.logp_B_T_V().gather(-1, actions_B_T.unsqueeze(-1)).squeeze(-1)
         return lp * self.mask_B_T
 
-    def divergence(self, teacher: "Categorical", beta: float) -> Tensor:
+    def divergence(self, teacher: Categorical, beta: float) -> Tensor:
         return generalized_jsd(
-            self.logits_B_T_V, teacher.logits_B_T_V, self.mask_B_T, beta=beta, temperature=self.temperature, reduction="none"
+            self.logits_B_T_V,
+            teacher.logits_B_T_V,
+            self.mask_B_T,
+            beta=beta,
+            temperature=self.temperature,
+            reduction="none",
         )
 
-    def kl(self, other: "Categorical") -> Tensor:
+    def kl(self, other: Categorical) -> Tensor:
         return self.divergence(other, beta=1.0)
 
     def mode(self) -> Tensor:
@@ -80,6 +92,18 @@ class Categorical:
     def entropy(self) -> Tensor:
         lp = self.logp_B_T_V()
         return -(lp.exp() * lp).sum(-1) * self.mask_B_T
+
+    def topk(self, k: int) -> TopKCategorical:
+        """The teacher side of a top-k + tail divergence (no gradient)."""
+        with torch.no_grad():
+            idx, vals, tails = topk_tail(self.logits_B_T_V[self.mask_B_T.bool()], k, temperature=self.temperature)
+        return TopKCategorical(idx, vals, tails, self.mask_B_T)
+
+    def select(self, rows: slice | Tensor) -> Categorical:
+        return Categorical(self.logits_B_T_V[rows], self.mask_B_T[rows], self.temperature)
+
+    def to(self, device: torch.device | str) -> Categorical:
+        return Categorical(self.logits_B_T_V.to(device), self.mask_B_T.to(device), self.temperature)
 
 
 class HiddenCategorical:
@@ -111,29 +135,44 @@ class HiddenCategorical:
     def rows(self) -> Tensor:
         return self.hidden_B_T_H[self.mask_B_T.bool()]
 
-    def select(self, idx: "Tensor | slice") -> "HiddenCategorical":
+    def select(self, idx: Tensor | slice) -> HiddenCategorical:
         """The same distribution on batch rows `idx` (micro-batches of a teacher scored in one large batch; routing)."""
         return HiddenCategorical(
-            self.hidden_B_T_H[idx], self.head_weight_V_H, self.mask_B_T[idx], vocab_size=self.vocab_size,
-            temperature=self.temperature, chunk_size=self.chunk_size, head_bias_V=self.head_bias_V,
+            self.hidden_B_T_H[idx],
+            self.head_weight_V_H,
+            self.mask_B_T[idx],
+            vocab_size=self.vocab_size,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            head_bias_V=self.head_bias_V,
         )
 
-    def to(self, device: torch.device | str) -> "HiddenCategorical":
+    def to(self, device: torch.device | str) -> HiddenCategorical:
         """Move a teacher scored on another device next to the student (hidden states and head)."""
         bias = self.head_bias_V.to(device) if self.head_bias_V is not None else None
         return HiddenCategorical(
-            self.hidden_B_T_H.to(device), self.head_weight_V_H.to(device), self.mask_B_T.to(device), vocab_size=self.vocab_size,
-            temperature=self.temperature, chunk_size=self.chunk_size, head_bias_V=bias,
+            self.hidden_B_T_H.to(device),
+            self.head_weight_V_H.to(device),
+            self.mask_B_T.to(device),
+            vocab_size=self.vocab_size,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            head_bias_V=bias,
         )
 
     def log_prob(self, actions_B_T: Tensor) -> Tensor:
         lp_N = chunked_token_logp(
-            self.rows(), self.head_weight_V_H, actions_B_T[self.mask_B_T.bool()],
-            temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=self.vocab_size, bias=self.head_bias_V,
+            self.rows(),
+            self.head_weight_V_H,
+            actions_B_T[self.mask_B_T.bool()],
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            bias=self.head_bias_V,
         )
         return _scatter(lp_N, self.mask_B_T)
 
-    def divergence(self, teacher: "HiddenCategorical | TopKCategorical | RoutedCategorical", beta: float) -> Tensor:
+    def divergence(self, teacher: HiddenCategorical | TopKCategorical | RoutedCategorical, beta: float) -> Tensor:
         """Per-step generalized JSD with self as student (beta=0 forward KL(T||S), 1 reverse KL(S||T))."""
         if isinstance(teacher, RoutedCategorical):
             return teacher.combine(lambda rows, part: self.select(rows).divergence(part, beta))
@@ -143,30 +182,53 @@ class HiddenCategorical:
         if vocab is None and self.head_weight_V_H.shape[0] != teacher.head_weight_V_H.shape[0]:
             vocab = min(self.head_weight_V_H.shape[0], teacher.head_weight_V_H.shape[0])
         d_N = chunked_divergence(
-            self.rows(), self.head_weight_V_H, teacher.rows(), teacher.head_weight_V_H,
-            beta=beta, temperature=self.temperature, chunk_size=self.chunk_size, vocab_size=vocab,
-            student_head_bias=self.head_bias_V, teacher_head_bias=teacher.head_bias_V,
+            self.rows(),
+            self.head_weight_V_H,
+            teacher.rows(),
+            teacher.head_weight_V_H,
+            beta=beta,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_size=vocab,
+            student_head_bias=self.head_bias_V,
+            teacher_head_bias=teacher.head_bias_V,
         )
         return _scatter(d_N, self.mask_B_T)
 
-    def kl(self, other: "HiddenCategorical") -> Tensor:
+    def kl(self, other: HiddenCategorical) -> Tensor:
         return self.divergence(other, beta=1.0)
 
     def entropy(self) -> Tensor:
         e_N = chunked_entropy(
-            self.rows(), self.head_weight_V_H, temperature=self.temperature, chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size, bias=self.head_bias_V,
+            self.rows(),
+            self.head_weight_V_H,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            bias=self.head_bias_V,
         )
         return _scatter(e_N, self.mask_B_T)
 
-    def _rows_per_chunk(self) -> int:
-        return _rows_per_chunk(self.chunk_size, self.vocab_size or self.head_weight_V_H.shape[0])
+    def rows_per_chunk(self) -> int:
+        return rows_per_chunk(self.chunk_size, self.vocab_size or self.head_weight_V_H.shape[0])
 
-    def topk(self, k: int) -> "TopKCategorical":
+    def mode(self) -> Tensor:
+        """The most likely token `[B, T]` (0 where the mask is 0), computed chunk by chunk."""
+        out = []
+        with torch.no_grad():
+            for h in self.rows().split(self.rows_per_chunk()):
+                logits = F.linear(h, self.head_weight_V_H, self.head_bias_V)
+                out.append((logits[:, : self.vocab_size] if self.vocab_size is not None else logits).argmax(-1))
+        mode_N = torch.cat(out) if out else self.mask_B_T.new_zeros(0, dtype=torch.long)
+        return torch.zeros(self.mask_B_T.shape, dtype=torch.long, device=self.mask_B_T.device).masked_scatter(
+            self.mask_B_T.bool(), mode_N
+        )
+
+    def topk(self, k: int) -> TopKCategorical:
         """The teacher side of a top-k + tail divergence (no gradient)."""
         idx, vals, tails = [], [], []
         with torch.no_grad():
-            for h in self.rows().split(self._rows_per_chunk()):
+            for h in self.rows().split(self.rows_per_chunk()):
                 logits = F.linear(h, self.head_weight_V_H, self.head_bias_V)
                 if self.vocab_size is not None:
                     logits = logits[:, : self.vocab_size]
@@ -174,10 +236,10 @@ class HiddenCategorical:
                 idx.append(i), vals.append(v), tails.append(t)
         return TopKCategorical(torch.cat(idx), torch.cat(vals), torch.cat(tails), self.mask_B_T)
 
-    def _topk_divergence(self, teacher: "TopKCategorical", beta: float) -> Tensor:
+    def _topk_divergence(self, teacher: TopKCategorical, beta: float) -> Tensor:
         rows = self.rows()
         outs = []
-        step = self._rows_per_chunk()
+        step = self.rows_per_chunk()
         for start in range(0, rows.shape[0], step):
             sl = slice(start, start + step)
 
@@ -186,8 +248,12 @@ class HiddenCategorical:
                 if self.vocab_size is not None:
                     logits = logits[:, : self.vocab_size]
                 return topk_tail_divergence(
-                    logits, teacher.topk_idx_N_K[sl], teacher.topk_logp_N_K[sl], teacher.tail_logp_N[sl],
-                    beta=beta, temperature=self.temperature,
+                    logits,
+                    teacher.topk_idx_N_K[sl],
+                    teacher.topk_logp_N_K[sl],
+                    teacher.tail_logp_N[sl],
+                    beta=beta,
+                    temperature=self.temperature,
                 )
 
             outs.append(checkpoint(chunk, rows[sl], self.head_weight_V_H, use_reentrant=False))
@@ -220,13 +286,26 @@ class RoutedCategorical:
     def entropy(self) -> Tensor:
         return self.combine(lambda rows, part: part.entropy())
 
-    def kl(self, other: StepDist) -> Tensor:  # pragma: no cover - teachers are never the student side
-        raise NotImplementedError("routed teachers are only the target of a divergence; call student.divergence(teacher)")
+    def kl(self, other: StepDist) -> Tensor:
+        raise _no(
+            "student side", "routed teacher", "routed teachers are only the target: call student.divergence(teacher)"
+        )
 
-    def topk(self, k: int) -> "RoutedCategorical":
+    def divergence(self, teacher: StepDist, beta: float) -> Tensor:
+        raise _no(
+            "student side", "routed teacher", "routed teachers are only the target: call student.divergence(teacher)"
+        )
+
+    def mode(self) -> Tensor:
+        out_B_T = torch.zeros(self.mask_B_T.shape, dtype=torch.long, device=self.mask_B_T.device)
+        for rows, part in self.parts:
+            out_B_T[rows] = part.mode()
+        return out_B_T
+
+    def topk(self, k: int) -> RoutedCategorical:
         return RoutedCategorical([(rows, part.topk(k)) for rows, part in self.parts], self.mask_B_T)
 
-    def select(self, idx: "Tensor | slice") -> "RoutedCategorical":
+    def select(self, idx: Tensor | slice) -> RoutedCategorical:
         B = self.mask_B_T.shape[0]
         keep_B = torch.zeros(B, dtype=torch.bool, device=self.mask_B_T.device)
         keep_B[idx] = True
@@ -238,8 +317,10 @@ class RoutedCategorical:
                 parts.append((new_index_B[mine], part.select(torch.searchsorted(rows, mine))))
         return RoutedCategorical(parts, self.mask_B_T[idx])
 
-    def to(self, device: torch.device | str) -> "RoutedCategorical":
-        return RoutedCategorical([(rows.to(device), part.to(device)) for rows, part in self.parts], self.mask_B_T.to(device))
+    def to(self, device: torch.device | str) -> RoutedCategorical:
+        return RoutedCategorical(
+            [(rows.to(device), part.to(device)) for rows, part in self.parts], self.mask_B_T.to(device)
+        )
 
 
 class TopKCategorical:
@@ -258,8 +339,38 @@ class TopKCategorical:
         lp_N = torch.where(hit.any(-1), (self.topk_logp_N_K * hit).sum(-1), self.tail_logp_N)
         return _scatter(lp_N, self.mask_B_T)
 
-    def kl(self, other: StepDist) -> Tensor:  # pragma: no cover - teachers are never the student side
-        raise NotImplementedError("a top-k teacher is only the target of a divergence; call student.divergence(teacher)")
+    def kl(self, other: StepDist) -> Tensor:
+        raise _no("student side", "top-k", "a top-k teacher is only the target: call student.divergence(teacher)")
+
+    def divergence(self, teacher: StepDist, beta: float) -> Tensor:
+        raise _no("student side", "top-k", "a top-k teacher is only the target: call student.divergence(teacher)")
+
+    def mode(self) -> Tensor:
+        """The most likely stored token `[B, T]` (the top-k lists are sorted, most likely first)."""
+        out = torch.zeros(self.mask_B_T.shape, dtype=torch.long, device=self.mask_B_T.device)
+        return out.masked_scatter(self.mask_B_T.bool(), self.topk_idx_N_K[:, 0])
+
+    def topk(self, k: int) -> TopKCategorical:
+        """Keep the first k stored tokens; the mass of the others joins the tail bucket."""
+        K = self.topk_idx_N_K.shape[1]
+        if k >= K:
+            return self
+        rest = torch.cat([self.topk_logp_N_K[:, k:], self.tail_logp_N[:, None]], dim=1)
+        return TopKCategorical(
+            self.topk_idx_N_K[:, :k], self.topk_logp_N_K[:, :k], torch.logsumexp(rest, dim=1), self.mask_B_T
+        )
+
+    def select(self, rows: slice | Tensor) -> TopKCategorical:
+        n = _rows(self.mask_B_T, rows)
+        return TopKCategorical(self.topk_idx_N_K[n], self.topk_logp_N_K[n], self.tail_logp_N[n], self.mask_B_T[rows])
+
+    def to(self, device: torch.device | str) -> TopKCategorical:
+        return TopKCategorical(
+            self.topk_idx_N_K.to(device),
+            self.topk_logp_N_K.to(device),
+            self.tail_logp_N.to(device),
+            self.mask_B_T.to(device),
+        )
 
     def entropy(self) -> Tensor:
         p = self.topk_logp_N_K.exp()
@@ -285,26 +396,39 @@ class Gaussian:
         lp = -((actions_B_T_D - self.mean_B_T_D) ** 2) / (2 * var) - self.std_B_T_D.log() - 0.5 * math.log(2 * math.pi)
         return lp.sum(-1) * self.mask_B_T
 
-    def divergence(self, teacher: "Gaussian", beta: float) -> Tensor:
+    def divergence(self, teacher: Gaussian, beta: float) -> Tensor:
         """Per-step KL in closed form: beta = 1 reverse KL(self || teacher), beta = 0 forward KL(teacher || self)."""
         if beta == 1.0:
             return self.kl(teacher)
         if beta == 0.0:
             return teacher.kl(self)
-        raise ValueError(f"the generalized JSD(beta={beta}) between Gaussians has no closed form; use beta 0 (forward KL) or 1 (reverse KL)")
+        raise ValueError(
+            f"the generalized JSD(beta={beta}) between Gaussians has no closed form; use beta 0 (forward KL) or 1 (reverse KL)"
+        )
 
     def mode(self) -> Tensor:
         """The most likely action `[B, T, D]` (the mean): the target of hard-CE / DAgger."""
         return self.mean_B_T_D
 
-    def kl(self, other: "Gaussian") -> Tensor:
+    def kl(self, other: Gaussian) -> Tensor:
         v1, v2 = self.std_B_T_D**2, other.std_B_T_D**2
-        kl = (other.std_B_T_D / self.std_B_T_D).log() + (v1 + (self.mean_B_T_D - other.mean_B_T_D) ** 2) / (2 * v2) - 0.5
+        kl = (
+            (other.std_B_T_D / self.std_B_T_D).log() + (v1 + (self.mean_B_T_D - other.mean_B_T_D) ** 2) / (2 * v2) - 0.5
+        )
         return kl.sum(-1) * self.mask_B_T
 
     def entropy(self) -> Tensor:
         h = 0.5 * math.log(2 * math.pi * math.e) + self.std_B_T_D.log()
         return h.sum(-1) * self.mask_B_T
+
+    def topk(self, k: int) -> StepDist:
+        raise _no("top-k form", "Gaussian", "use objective topk: null (continuous actions compare in closed form)")
+
+    def select(self, rows: slice | Tensor) -> Gaussian:
+        return Gaussian(self.mean_B_T_D[rows], self.std_B_T_D[rows], self.mask_B_T[rows])
+
+    def to(self, device: torch.device | str) -> Gaussian:
+        return Gaussian(self.mean_B_T_D.to(device), self.std_B_T_D.to(device), self.mask_B_T.to(device))
 
 
 @dataclass
@@ -326,13 +450,15 @@ class VelocityStepDist:
     mask_B_T: Tensor
     logprob_reduce: str = "sum"
 
-    def divergence(self, other: "VelocityStepDist", beta: float) -> Tensor:
+    def divergence(self, other: VelocityStepDist, beta: float) -> Tensor:
         """Per-step KL between two step Gaussians at the same states: both share the std, so forward
         (beta 0) and reverse (beta 1) are the same `w(t) ||v_self - v_other||^2` (docs/objectives.md section 6)."""
         if beta not in (0.0, 1.0):
             raise ValueError(f"flow steps have closed-form forward / reverse KL only (beta 0 or 1); got {beta}")
         if self.kl_weight_B_T is None:
-            raise ValueError("this rollout is deterministic (noise_level 0); sample with rollout.noise_level > 0 for step KLs")
+            raise ValueError(
+                "this rollout is deterministic (noise_level 0); sample with rollout.noise_level > 0 for step KLs"
+            )
         return self.kl_weight_B_T * (self.velocity_B_T_D - other.velocity_B_T_D).pow(2).sum(-1) * self.mask_B_T
 
     def mode(self) -> Tensor:
@@ -347,3 +473,28 @@ class VelocityStepDist:
             raise ValueError("this rollout is deterministic (noise_level 0 or flow matching); it has no step log-probs")
         lp_B_T = self.gaussian.log_prob(actions_B_T_D)
         return lp_B_T if self.logprob_reduce == "sum" else lp_B_T / actions_B_T_D.shape[-1]
+
+    def kl(self, other: VelocityStepDist) -> Tensor:
+        return self.divergence(other, beta=1.0)
+
+    def entropy(self) -> Tensor:
+        if self.gaussian is None:
+            raise ValueError("this rollout is deterministic (noise_level 0); it has no step entropy")
+        return self.gaussian.entropy()
+
+    def topk(self, k: int) -> StepDist:
+        raise _no("top-k form", "flow (velocity)", "use objective topk: null")
+
+    def select(self, rows: slice | Tensor) -> VelocityStepDist:
+        g = self.gaussian.select(rows) if self.gaussian is not None else None
+        w = self.kl_weight_B_T[rows] if self.kl_weight_B_T is not None else None
+        return VelocityStepDist(
+            self.velocity_B_T_D[rows], g, w, self.dt_B_T[rows], self.mask_B_T[rows], self.logprob_reduce
+        )
+
+    def to(self, device: torch.device | str) -> VelocityStepDist:
+        g = self.gaussian.to(device) if self.gaussian is not None else None
+        w = self.kl_weight_B_T.to(device) if self.kl_weight_B_T is not None else None
+        return VelocityStepDist(
+            self.velocity_B_T_D.to(device), g, w, self.dt_B_T.to(device), self.mask_B_T.to(device), self.logprob_reduce
+        )

@@ -11,6 +11,7 @@ and the data position, so a resumed run continues bit for bit.
 
     mmdistill train configs/text/quickstart.yaml
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,10 @@ from tqdm.auto import tqdm
 from mmdistill.checkpoint import atomic_dir, latest_checkpoint, load_training_state, save_training_state
 from mmdistill.config import ModelConfig, RunConfig, StageConfig, check_kwargs
 from mmdistill.errors import CheckpointError, MmdistillError
-from mmdistill.evaluate import evaluate
+from mmdistill.interfaces import Adapter, Objective, ObjectiveBatch, Task
 from mmdistill.metrics import MetricsLogger, plot_curves
-from mmdistill.objectives.registered import ObjectiveBatch
-from mmdistill.registry import OBJECTIVES, TASKS
+from mmdistill.registry import OBJECTIVES, STAGE_KINDS, TASKS
+from mmdistill.report import headline
 
 
 @dataclass
@@ -42,8 +43,8 @@ class RunContext:
     cfg: RunConfig
     run_dir: Path
     accelerator: Any
-    adapter: Any
-    task: Any
+    adapter: Adapter
+    task: Task
     quiet: bool = False
     stage_results: dict[str, Any] = field(default_factory=dict)
 
@@ -54,7 +55,9 @@ class RunContext:
             return self.cfg.models[ref]
         final = self.run_dir / ref / "final"
         if not is_checkpoint(final):
-            raise CheckpointError(f"stage '{ref}' has no final checkpoint at {final}; run that stage first (or resume the run)")
+            raise CheckpointError(
+                f"stage '{ref}' has no final checkpoint at {final}; run that stage first (or resume the run)"
+            )
         stage = next(s for s in self.cfg.stages if s.name == ref)
         origin = self.model_config(stage.student) if stage.student else ModelConfig(path=str(final))
         return dataclasses.replace(origin, path=str(final), tiny=None, prune=None, merge=None, revision=None)
@@ -87,8 +90,8 @@ class RunContext:
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A finished model directory: a transformers (config.json) or diffusers (model_index.json) checkpoint."""
-    return (path / "config.json").exists() or (path / "model_index.json").exists()
+    """A finished stage's model directory: `final/` only appears, whole, when `atomic_dir` renames it into place."""
+    return path.is_dir() and any(path.iterdir())
 
 
 @torch.no_grad()
@@ -129,11 +132,23 @@ def step_seed(seed: int, stage: str, step: int, what: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sample_train(task: Any, rng: random.Random, n: int) -> list[Any]:
-    if hasattr(task, "sample_train"):
-        return [task.sample_train(rng) for _ in range(n)]
-    pool = task.problems("train")
-    return [rng.choice(pool) for _ in range(n)]
+def sample_train(task: Task, rng: random.Random, n: int) -> list[Any]:
+    return [task.sample_train(rng) for _ in range(n)]
+
+
+def evaluate(
+    adapter: Adapter,
+    model: Any,
+    task: Task,
+    cfg: Any,
+    seed: int = 0,
+    show: int = 3,
+    out_dir: Path | None = None,
+    tag: str = "eval",
+) -> dict[str, Any]:
+    """Held-out results of `model` on `task`, as the adapter evaluates its model family."""
+    with torch.no_grad():
+        return adapter.evaluate(model, task, cfg, seed=seed, out_dir=out_dir, tag=tag, show=show)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
@@ -149,6 +164,7 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
     return f
 
 
+@STAGE_KINDS.register("train")
 def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     acc, adapter, cfg = ctx.accelerator, ctx.adapter, ctx.cfg
     if acc.num_processes > 1:  # not yet: prompts are not sharded and token counts not all-reduced
@@ -158,9 +174,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     stage_dir = ctx.run_dir / st.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     task = ctx.build_task(st.task)
-    objective = build_objective(st.objective, f"stages.{st.name}")
-    if hasattr(objective, "check_teacher"):  # Lightning OPD: the named teacher wrote the shards (sha256 of its weights)
-        objective.check_teacher(ctx, st, task)
+    objective: Objective = build_objective(st.objective, f"stages.{st.name}")
+    needs = objective.needs
     tc, rc = st.train, st.rollout
     adapter.chunk_size = tc.chunk_size
     torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
@@ -174,14 +189,15 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     # low-precision students keep fp32 master weights; forward passes run under autocast
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[student_cfg.dtype]
     student.float()
-    teacher = ctx.load_teacher(st) if objective.needs_teacher else None
-    uses_anchor = st.anchor is not None and getattr(objective, "needs_anchor", False)  # e.g. Flow-OPD with mar_coef > 0
-    anchor = ctx.load_model(st.anchor).eval().requires_grad_(False) if uses_anchor else None
-    reference = copy.deepcopy(student).eval().requires_grad_(False) if objective.needs_reference else None
+    teacher = ctx.load_teacher(st) if needs.teacher else None
+    anchor = ctx.load_model(st.anchor).eval().requires_grad_(False) if needs.anchor else None
+    reference = copy.deepcopy(student).eval().requires_grad_(False) if needs.reference else None
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    )
     student, optimizer = acc.prepare(student, optimizer)
     student.train()
 
@@ -199,38 +215,36 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     prompts_per_step = tc.batch_size // group
     micro = tc.micro_batch_size or tc.batch_size
     # policy-gradient objectives score at the sampling temperature (ratios against behaviour log-probs)
-    score_temperature = rc.temperature if getattr(objective, "policy_gradient", False) else objective.temperature
+    score_temperature = rc.temperature if needs.sampled_actions else objective.temperature
     autocast = torch.autocast(adapter.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     t0 = time.time()
-    bar = tqdm(range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=ctx.quiet, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=ctx.quiet, dynamic_ncols=True
+    )
     for step in bar:
         rng = random.Random(step_seed(cfg.seed, st.name, step, "data"))
         gen = torch.Generator(device=adapter.device).manual_seed(step_seed(cfg.seed, st.name, step, "sample"))
         problems = [p for p in sample_train(task, rng, prompts_per_step) for _ in range(group)]
-        source = objective.pick_source(rng)
-        if hasattr(objective, "set_step"):  # schedules inside the objective (DAgger's annealed mixture)
-            objective.set_step(step, tc.steps)
+        request = dataclasses.replace(objective.request(step, tc.steps, rng), settings=rc)
+        source = request.source
 
         # 1. rollout
         with autocast:
-            rollout = adapter.rollout(source, acc.unwrap_model(student), teacher, task, problems, rc, gen, objective)
+            rollout = adapter.rollout(request, acc.unwrap_model(student), teacher, task, problems, gen)
         if rollout.group_ids_B is None:  # adapters that append teacher rollouts set the groups themselves
             rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
         rollout.extras["seed"] = step_seed(cfg.seed, st.name, step, "prepare")
-        if hasattr(objective, "prepare"):
-            objective.prepare(rollout)
+        rollout = objective.prepare(rollout)
         normalizer = max(rollout.num_steps(), 1)
 
         # 2-4. score, objective, backward (micro-batches, normalised by the global step count)
         sums: dict[str, float] = {}
         loss_total = 0.0
         teacher_all = None  # the teacher scored once over `teacher_batch_size` rows, sliced per micro-batch
-        scores_teacher = teacher is not None and objective.scores_with_teacher
+        scores_teacher = teacher is not None and needs.teacher_scores
         if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= rollout.batch_size > micro:
             with autocast, torch.no_grad():
                 teacher_all = adapter.step_dist(teacher, rollout.teacher_view(), temperature=score_temperature)
-            if not hasattr(teacher_all, "select"):  # a distribution that cannot be sliced by rows: score per micro-batch
-                teacher_all = None
         for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
             for i in range(0, rollout.batch_size, micro):
                 mb = rollout.select(slice(i, i + micro))
@@ -242,19 +256,22 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                             teacher_dist = teacher_all.select(slice(i, i + micro))
                         elif scores_teacher:
                             teacher_dist = adapter.step_dist(teacher, mb.teacher_view(), temperature=score_temperature)
-                        elif getattr(objective, "self_teacher", False):  # OPSD: the student itself, given privileged context
-                            teacher_dist = adapter.step_dist(acc.unwrap_model(student), mb.teacher_view(), temperature=score_temperature)
+                        elif needs.self_teacher:  # OPSD: the student itself, given privileged context
+                            teacher_dist = adapter.step_dist(
+                                acc.unwrap_model(student), mb.teacher_view(), temperature=score_temperature
+                            )
                         if reference is not None:
                             ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
                         if anchor is not None:
                             anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
-                    loss, metrics = objective(ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist))
+                    loss, metrics = objective(
+                        ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist)
+                    )
                 acc.backward(loss)
                 if update == 0:
                     loss_total += float(loss.detach())
                     w = mb.batch_size / rollout.batch_size
-                    if hasattr(adapter, "dist_metrics"):  # e.g. the student's entropy on its own states
-                        metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}
+                    metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}  # e.g. the student's entropy
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + w * float(v)
             grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
@@ -271,8 +288,16 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
             record["grad_norm"] = float(grad_norm)
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
             student.eval()
-            ev = evaluate(adapter, acc.unwrap_model(student), task, st.eval, seed=cfg.seed, show=0,
-                          out_dir=stage_dir / "samples", tag=f"step_{step + 1:06d}")
+            ev = evaluate(
+                adapter,
+                acc.unwrap_model(student),
+                task,
+                st.eval,
+                seed=cfg.seed,
+                show=0,
+                out_dir=stage_dir / "samples",
+                tag=f"step_{step + 1:06d}",
+            )
             student.train()
             record.update({f"eval_{k}": v for k, v in headline(ev).items()})
             reached = tc.stop_at and all(headline(ev).get(m, -math.inf) >= target for m, target in tc.stop_at.items())
@@ -285,7 +310,14 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
             shown = ("loss", "student_reward") + tuple(k for k in record if k.startswith("eval_"))
             bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
         if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
-            save_training_state(ckpt_root, step + 1, acc.unwrap_model(student), optimizer, scheduler, {"samples_seen": (step + 1) * tc.batch_size})
+            save_training_state(
+                ckpt_root,
+                step + 1,
+                acc.unwrap_model(student),
+                optimizer,
+                scheduler,
+                {"samples_seen": (step + 1) * tc.batch_size},
+            )
         if "stopped_early" in record:
             if not ctx.quiet:
                 print(f"[{st.name}] stop_at {tc.stop_at} reached at step {step + 1}")
@@ -302,12 +334,9 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     return _finish_stage(ctx, st, task, final_model, train_seconds, steps_done)
 
 
-def headline(ev: dict[str, Any]) -> dict[str, float]:
-    """The scalar results of an evaluation (accuracy, pass@k, rewards), without counts and samples."""
-    return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
-
-
-def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float, steps_done: int | None = None) -> dict[str, Any]:
+def _finish_stage(
+    ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float, steps_done: int | None = None
+) -> dict[str, Any]:
     stage_dir = ctx.run_dir / st.name
     ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
     try:
@@ -315,8 +344,15 @@ def _finish_stage(ctx: RunContext, st: StageConfig, task: Any, model: Any, train
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
         print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
     steps = st.train.steps if steps_done is None else steps_done
-    return {"kind": "train", "objective": st.objective["type"], "steps": steps, "train_seconds": round(train_seconds, 1), "eval": ev,
-            "eval_setup": _eval_setup(st)}
+    return {
+        "kind": "train",
+        "objective": st.objective["type"],
+        "steps": steps,
+        "train_seconds": round(train_seconds, 1),
+        "eval": ev,
+        "eval_setup": _eval_setup(st),
+        "weights_sha256": ctx.adapter.stage_fingerprint(model),
+    }
 
 
 def _reuse_media(ev: dict[str, Any], out_dir: Path, key: str) -> dict[str, Any]:
@@ -338,13 +374,16 @@ def _eval_setup(st: StageConfig) -> dict[str, Any]:
     return {"eval": dataclasses.asdict(st.eval), "task": st.task}
 
 
+@STAGE_KINDS.register("eval")
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
         done = ctx.stage_results.get(ref, {})
         if done.get("kind") == "train" and done.get("eval_setup") == _eval_setup(st):
-            ev = _reuse_media(done["eval"], ctx.run_dir / st.name, key)  # that stage's final evaluation, same settings and task
+            ev = _reuse_media(
+                done["eval"], ctx.run_dir / st.name, key
+            )  # that stage's final evaluation, same settings and task
         else:
             model = ctx.load_model(ref).eval()
             ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=ctx.run_dir / st.name, tag=key)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs, a word tokenizer, tiny models (CPU, fp32)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,28 @@ TINY_RAW = {
     "eval": {"n": 8, "batch_size": 8, "max_new_tokens": 12},
     "rollout": {"max_new_tokens": 12},
     "stages": [
-        {"name": "teacher_sft", "student": "teacher_init", "objective": {"type": "sft"},
-         "train": {"steps": 4, "batch_size": 8, "lr": 0.003, "save_every": 2, "log_every": 1}},
-        {"name": "student_opd", "student": "student", "teacher": "teacher_sft", "objective": {"type": "reverse_kl"},
-         "train": {"steps": 4, "batch_size": 8, "lr": 0.003, "save_every": 2, "log_every": 1}},
-        {"name": "evaluate", "kind": "eval",
-         "evaluate": {"teacher_accuracy": "teacher_sft", "student_accuracy_before": "student", "student_accuracy_after": "student_opd"}},
+        {
+            "name": "teacher_sft",
+            "student": "teacher_init",
+            "objective": {"type": "sft"},
+            "train": {"steps": 4, "batch_size": 8, "lr": 0.003, "save_every": 2, "log_every": 1},
+        },
+        {
+            "name": "student_opd",
+            "student": "student",
+            "teacher": "teacher_sft",
+            "objective": {"type": "reverse_kl"},
+            "train": {"steps": 4, "batch_size": 8, "lr": 0.003, "save_every": 2, "log_every": 1},
+        },
+        {
+            "name": "evaluate",
+            "kind": "eval",
+            "evaluate": {
+                "teacher_accuracy": "teacher_sft",
+                "student_accuracy_before": "student",
+                "student_accuracy_after": "student_opd",
+            },
+        },
     ],
 }
 

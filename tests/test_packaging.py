@@ -1,4 +1,5 @@
 """Packaging: the wheel holds only mmdistill/...; bare `objectives` / `modalities` imports fail clearly."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +18,9 @@ def wheel(tmp_path_factory) -> Path:
     build_dir = tmp_path_factory.mktemp("src")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, cwd=build_dir,
+        check=True,
+        capture_output=True,
+        cwd=build_dir,
     )
     (whl,) = out.glob("mmdistill-*.whl")
     return whl
@@ -42,6 +45,6 @@ def test_bare_import_fails_with_instructions(name):
 
 
 def test_package_imports_work_from_anywhere(tmp_path):
-    code = "import mmdistill.objectives.opd, mmdistill.modalities.text.adapter; from mmdistill.objectives.divergence import generalized_jsd; print('ok')"
+    code = "import mmdistill.objectives.opd, mmdistill.modalities.text.adapter; from mmdistill.kernels import generalized_jsd; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr

@@ -1,4 +1,5 @@
 """The training loop end to end on tiny models: outputs, gradient accumulation, exact resume."""
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,7 @@ def test_pipeline_end_to_end(tiny_raw):
         assert 0.0 <= report[key] <= 1.0
     assert json.loads((run / "report.json").read_text())["teacher_accuracy"] == report["teacher_accuracy"]
     assert (run / "config.yaml").exists() and (run / "report.png").exists()
-    rows = [json.loads(l) for l in (run / "student_opd" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "student_opd" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["divergence"] >= 0 for r in rows)
     assert (run / "student_opd" / "curves.png").exists()
@@ -56,13 +57,22 @@ def test_gradient_accumulation_is_invariant(tiny_raw, tmp_path, objective):
         finals.append(_final_weights(Path(raw["run_dir"]), "student_opd"))
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], atol=2e-6, rtol=1e-5)
-    rows = [json.loads(l) for l in (tmp_path / "micro_2" / "student_opd" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "micro_2" / "student_opd" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(r["grad_norm"] > 0 for r in rows)  # the comparison is not between two untouched models
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mmdistill.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmdistill.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def test_sigkill_and_resume_is_bit_exact(tiny_raw, tmp_path):
@@ -84,7 +94,9 @@ def test_sigkill_and_resume_is_bit_exact(tiny_raw, tmp_path):
         if latest.exists() and latest.read_text().strip() >= "step_000004":
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed: " + (proc.stdout.read() if proc.stdout else "")
+    assert proc.poll() is None, "the run finished before it could be killed: " + (
+        proc.stdout.read() if proc.stdout else ""
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "student_opd" / "final").exists()

@@ -16,6 +16,7 @@ bucket) contribute ``0 * log 0 = 0`` with finite (zero) gradients.
 
 Run its tests: ``pytest tests/test_objectives_divergence.py -q``
 """
+
 from __future__ import annotations
 
 import functools
@@ -201,7 +202,9 @@ def reverse_kl(
 
 def _check_head(name: str, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, bias_V: torch.Tensor | None) -> None:
     if hidden_N_H.dim() != 2:
-        raise ValueError(f"{name} hidden states must be 2-D [N, H] (flatten batch and time); got {tuple(hidden_N_H.shape)}")
+        raise ValueError(
+            f"{name} hidden states must be 2-D [N, H] (flatten batch and time); got {tuple(hidden_N_H.shape)}"
+        )
     if weight_V_H.dim() != 2 or weight_V_H.shape[1] != hidden_N_H.shape[1]:
         raise ValueError(
             f"{name} head weight must be [V, H] with H = {hidden_N_H.shape[1]} (the hidden size); "
@@ -247,7 +250,9 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _map_chunks(fn, chunk_size: int, n_rows: int, row_args: tuple, shared_args: tuple, checkpointed: bool) -> torch.Tensor:
+def _map_chunks(
+    fn, chunk_size: int, n_rows: int, row_args: tuple, shared_args: tuple, checkpointed: bool
+) -> torch.Tensor:
     """Apply fn(*row_chunks, *shared_args) -> [chunk] to row chunks; optionally checkpoint each."""
     outputs = []
     for start in range(0, n_rows, chunk_size):
@@ -260,8 +265,17 @@ def _map_chunks(fn, chunk_size: int, n_rows: int, row_args: tuple, shared_args: 
 
 
 def _divergence_chunk(
-    student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias,
-    *, beta, temperature, vocab_size, dtype,
+    student_hidden,
+    teacher_hidden,
+    student_weight,
+    student_bias,
+    teacher_weight,
+    teacher_bias,
+    *,
+    beta,
+    temperature,
+    vocab_size,
+    dtype,
 ):
     # The teacher's logits are recomputed (not saved) when the student's chunk is
     # recomputed in backward, so only one chunk of logits is ever alive.
@@ -275,11 +289,10 @@ def _divergence_chunk(
     return _jsd_from_logp(student_logp, teacher_logp, beta)
 
 
-
 LOGITS_BUDGET = 1 << 25  # elements of one [chunk, V] logits buffer (128 MiB in fp32): caps rows per chunk for large V
 
 
-def _rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
+def rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
     """`chunk_size` rows, fewer when V is large (1024 rows x 151,936 would be 0.58 GiB per buffer)."""
     return min(chunk_size, max(16, LOGITS_BUDGET // max(vocab_size, 1)))
 
@@ -349,8 +362,19 @@ class _LeanKL(torch.autograd.Function):
                 if g_b is not None:
                     g_b[:vocab_size] += g_z.sum(0)
                 del zS, zT, g_z
-        return (g_h, None if g_W is None else g_W.to(WS.dtype), None if g_b is None else g_b.to(bS.dtype),
-                None, None, None, None, None, None, None, None)
+        return (
+            g_h,
+            None if g_W is None else g_W.to(WS.dtype),
+            None if g_b is None else g_b.to(bS.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_divergence(
@@ -391,14 +415,21 @@ def chunked_divergence(
     n_rows = student_hidden_N_H.shape[0]
     if n_rows == 0:
         return student_hidden_N_H.new_zeros(0, dtype=dtype)
-    chunk_size = _rows_per_chunk(chunk_size, vocab_size)
+    chunk_size = rows_per_chunk(chunk_size, vocab_size)
     if beta in (0.0, 1.0) and _needs_grad(student_hidden_N_H, student_head_weight_V_H, student_head_bias):
         # forward / reverse KL: a hand-written backward holds three [chunk, V] buffers, not autograd's dozen
         return _LeanKL.apply(
-            student_hidden_N_H, student_head_weight_V_H, student_head_bias,
-            teacher_hidden_N_H.detach(), teacher_head_weight_V_H.detach(),
+            student_hidden_N_H,
+            student_head_weight_V_H,
+            student_head_bias,
+            teacher_hidden_N_H.detach(),
+            teacher_head_weight_V_H.detach(),
             None if teacher_head_bias is None else teacher_head_bias.detach(),
-            beta, temperature, vocab_size, dtype, chunk_size,
+            beta,
+            temperature,
+            vocab_size,
+            dtype,
+            chunk_size,
         )
     fn = functools.partial(_divergence_chunk, beta=beta, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
@@ -431,7 +462,9 @@ def chunked_token_logp(
     _check_head("model", hidden_N_H, head_weight_V_H, bias)
     vocab_size = _check_vocab_size(vocab_size, model=head_weight_V_H.shape[0])
     if tuple(tokens_N.shape) != (hidden_N_H.shape[0],):
-        raise ValueError(f"tokens must be [N] = [{hidden_N_H.shape[0]}] to match the hidden states; got {tuple(tokens_N.shape)}")
+        raise ValueError(
+            f"tokens must be [N] = [{hidden_N_H.shape[0]}] to match the hidden states; got {tuple(tokens_N.shape)}"
+        )
     if tokens_N.dtype.is_floating_point or tokens_N.dtype == torch.bool:
         raise TypeError(f"tokens must be an integer tensor of token ids; got dtype {tokens_N.dtype}")
     dtype = _compute_dtype(hidden_N_H.dtype)
@@ -445,7 +478,11 @@ def chunked_token_logp(
         )
     fn = functools.partial(_token_logp_chunk, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
-        fn, _rows_per_chunk(chunk_size, vocab_size), hidden_N_H.shape[0], (hidden_N_H, tokens_N.long()), (head_weight_V_H, bias),
+        fn,
+        rows_per_chunk(chunk_size, vocab_size),
+        hidden_N_H.shape[0],
+        (hidden_N_H, tokens_N.long()),
+        (head_weight_V_H, bias),
         checkpointed=_needs_grad(hidden_N_H, head_weight_V_H, bias),
     )
 
@@ -473,7 +510,11 @@ def chunked_entropy(
         return hidden_N_H.new_zeros(0, dtype=dtype)
     fn = functools.partial(_entropy_chunk, temperature=temperature, vocab_size=vocab_size, dtype=dtype)
     return _map_chunks(
-        fn, _rows_per_chunk(chunk_size, vocab_size), hidden_N_H.shape[0], (hidden_N_H,), (head_weight_V_H, bias),
+        fn,
+        rows_per_chunk(chunk_size, vocab_size),
+        hidden_N_H.shape[0],
+        (hidden_N_H,),
+        (head_weight_V_H, bias),
         checkpointed=_needs_grad(hidden_N_H, head_weight_V_H, bias),
     )
 
@@ -537,7 +578,5 @@ def topk_tail_divergence(
     student_buckets = torch.cat(
         [student_logp.gather(-1, topk_idx_N_K), _tail_logp(student_logp, topk_idx_N_K).unsqueeze(-1)], dim=-1
     )
-    teacher_buckets = torch.cat(
-        [teacher_topk_logp_N_K.to(dtype), teacher_tail_logp_N.to(dtype).unsqueeze(-1)], dim=-1
-    )
+    teacher_buckets = torch.cat([teacher_topk_logp_N_K.to(dtype), teacher_tail_logp_N.to(dtype).unsqueeze(-1)], dim=-1)
     return _jsd_from_logp(student_buckets, teacher_buckets, beta)

@@ -2,7 +2,7 @@
 
 Time runs with the noise level sigma from 1 (noise) to 0 (data); a step goes from
 `sigma` to `sigma_next < sigma`, `dt = sigma_next - sigma < 0`.  With noise level `a`
-(docs/objectives.md section 6)::
+(docs/objectives.md sections 6.1 to 6.3)::
 
     sigma_t = a * sqrt(sigma / (1 - sigma))                       (the SDE's noise scale)
     mu      = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt
@@ -24,23 +24,28 @@ x_{t-dt}; `behavior_logp_B_T` their log-probs.  `step_velocities` re-scores any
 velocity model on those states and `step_dists` turns velocities into
 `mmdistill.stepdist.Gaussian` step distributions (mean/std `[B, T, D]`).
 
-Log-prob reduction [verify]: the true log-density sums over the D latent dimensions
-("sum"); Flow-GRPO's code averages ("mean").  `Gaussian.log_prob` always sums; use
-`step_logp` to get log-probs on the rollout's own convention.
+Log-prob reduction: the true log-density sums over the D latent dimensions ("sum");
+Flow-GRPO's code averages ("mean").  Mean, std and the "mean" log-prob equal the lines of
+Flow-GRPO's `sd3_sde_with_logprob.py` (tests/test_flow_sde.py, float64, to 1e-15).  Flow-GRPO
+and Flow-OPD call `sigma_t` (without sqrt|dt|) `std_dev_t` and divide their KL by
+`2 std_dev_t^2`: that KL is the exact one times |dt| / D (docs/objectives.md section 6.5).
+`Gaussian.log_prob` always sums; use `step_logp` to get log-probs on the rollout's own convention.
 
     python -m pytest tests/test_flow_sde.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mmdistill.rollout import Rollout
+from mmdistill.interfaces import Rollout
 from mmdistill.stepdist import Gaussian
 
 __all__ = [
@@ -286,8 +291,14 @@ def sample_sde(
         sigma_B = sigmas_T1[t].expand(B)
         v = velocity_fn(x, sigma_B, cond, guidance_scale)
         step = sde_step_with_logprob(
-            x, v, step_sigmas_T1[t], step_sigmas_T1[t + 1], noise_level,
-            sigma_cap=sigma_cap, generator=generator, logprob_reduce=logprob_reduce,
+            x,
+            v,
+            step_sigmas_T1[t],
+            step_sigmas_T1[t + 1],
+            noise_level,
+            sigma_cap=sigma_cap,
+            generator=generator,
+            logprob_reduce=logprob_reduce,
         )
         states.append(x.reshape(B, -1))
         actions.append(step.prev_sample.reshape(B, -1))
@@ -343,7 +354,9 @@ def step_dists(rollout: Rollout, v_B_T_D: Tensor) -> Gaussian:
     if s.noise_level <= 0:
         raise ValueError("step distributions need a stochastic rollout (noise_level > 0); this one was sampled with 0")
     if tuple(v_B_T_D.shape) != tuple(s.x_t_B_T_D.shape):
-        raise ValueError(f"velocities must match the states [B, T, D]; got {tuple(v_B_T_D.shape)} vs {tuple(s.x_t_B_T_D.shape)}")
+        raise ValueError(
+            f"velocities must match the states [B, T, D]; got {tuple(v_B_T_D.shape)} vs {tuple(s.x_t_B_T_D.shape)}"
+        )
     mean_B_T_D = sde_mean(s.x_t_B_T_D, v_B_T_D, s.sigma_B_T, s.sigma_next_B_T, s.noise_scale_B_T())
     return Gaussian(mean_B_T_D, s.std_B_T().unsqueeze(-1), rollout.mask_B_T)
 
