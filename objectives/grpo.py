@@ -8,19 +8,32 @@ PPO-clipped token surrogate and a k3 KL penalty to a reference policy.
 Token-level normalisation (sum over all kept tokens / normalizer, default the kept-token
 count) rather than the original per-sequence mean, so long answers are not down-weighted.
 
-Run its tests: ``pytest tests/test_objectives_grpo.py -q``
+The registered `grpo` objective ("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
+Open Language Models", arXiv 2402.03300) computes the group advantages once over the whole step's
+rollout (`prepare`), before it is cut into micro-batches, and scores a frozen copy of the initial
+student as the reference when kl_beta > 0.
+
+    objective: {type: grpo, clip_eps: 0.2, kl_beta: 0.04}
+    Run its tests: ``pytest tests/test_objectives_grpo.py -q``
 """
+
 from __future__ import annotations
 
-import torch
+import random
+from dataclasses import replace
 
+import torch
+from torch import Tensor
+
+from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
 from mmdistill.objectives.policy_gradient import (
     add_kl_penalty,
     check_same_shape,
     policy_gradient_loss,
 )
+from mmdistill.registry import OBJECTIVES
 
-__all__ = ["group_advantages", "k3_kl", "grpo_loss"]
+__all__ = ["group_advantages", "k3_kl", "grpo_loss", "with_group_advantages", "GRPO"]
 
 
 @torch.no_grad()
@@ -92,10 +105,79 @@ def grpo_loss(
         )
     advantage_B_T = advantage_B.detach()[:, None].expand_as(logp_B_T)
     loss, metrics = policy_gradient_loss(
-        logp_B_T, behavior_logp_B_T, advantage_B_T, mask_B_T,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, normalizer=normalizer,
+        logp_B_T,
+        behavior_logp_B_T,
+        advantage_B_T,
+        mask_B_T,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        normalizer=normalizer,
     )
     if ref_logp_B_T is not None:
         kl_B_T = k3_kl(logp_B_T, ref_logp_B_T.detach())
         loss = add_kl_penalty(loss, metrics, kl_B_T, mask_B_T, kl_beta, normalizer, logp_B_T)
     return loss, metrics
+
+
+def with_group_advantages(rollout: Rollout, scale_by_std: bool = True) -> Rollout:
+    """The rollout with `extras["advantage_B"]`: `group_advantages` over the whole step (GRPO, AMPO)."""
+    advantage_B = group_advantages(rollout.rewards_B, rollout.group_ids_B, scale_by_std=scale_by_std)
+    return replace(rollout, extras={**rollout.extras, "advantage_B": advantage_B})
+
+
+@OBJECTIVES.register("grpo")
+class GRPO:
+    """GRPO: group-normalised verifier reward, clipped ratio, k3 KL to the frozen initial policy."""
+
+    temperature = 1.0  # unused: scored at the rollout temperature, so ratios compare like with like
+
+    def __init__(
+        self,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        kl_beta: float = 0.04,
+        scale_by_std: bool = True,
+    ):
+        if not 0.0 < clip_eps < 1.0:
+            raise ValueError(f"objective.clip_eps must lie in (0, 1), got {clip_eps}")
+        if kl_beta < 0:
+            raise ValueError(f"objective.kl_beta must be >= 0, got {kl_beta}")
+        self.clip_eps, self.clip_eps_high, self.kl_beta, self.scale_by_std = (
+            clip_eps,
+            clip_eps_high,
+            kl_beta,
+            scale_by_std,
+        )
+        self.needs = Needs(reference=kl_beta > 0, rewards=True, sampled_actions=True)
+
+    def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
+        return RolloutRequest(source="student")
+
+    def prepare(self, rollout: Rollout) -> Rollout:
+        """Group advantages over the whole step's rollout, before it is cut into micro-batches."""
+        assert rollout.rewards_B is not None and rollout.group_ids_B is not None, "GRPO needs rewards and group ids"
+        return with_group_advantages(rollout, self.scale_by_std)
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        r = b.rollout
+        if "advantage_B" not in r.extras:
+            r = self.prepare(r)
+        adv_B = r.extras["advantage_B"]
+        logp_B_T = b.student.log_prob(r.actions)
+        ref_B_T = None
+        if b.reference is not None:
+            with torch.no_grad():
+                ref_B_T = b.reference.log_prob(r.actions)
+        loss, metrics = grpo_loss(
+            logp_B_T,
+            r.behavior_logp_B_T,
+            adv_B,
+            r.mask_B_T,
+            ref_logp_B_T=ref_B_T,
+            clip_eps=self.clip_eps,
+            clip_eps_high=self.clip_eps_high,
+            kl_beta=self.kl_beta,
+            normalizer=b.normalizer,
+        )
+        metrics["reward"] = float(r.rewards_B.mean())
+        return loss, metrics

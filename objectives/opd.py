@@ -10,20 +10,30 @@ In expectation over `y ~ pi_theta` (rho = 1) the gradient of L is the gradient o
 `KL(pi_theta || pi_T)` at each visited state (tests/test_objectives_pg.py checks it by
 exact enumeration).
 
-Run its tests: ``pytest tests/test_objectives_pg.py -q``
+The registered `opd` objective feeds it the student's log-probs of its own sampled tokens and
+the teacher's, both scored at the rollout's sampling temperature (`Needs.sampled_actions`).
+
+    objective: {type: opd, coef: 1.0, gamma: 0.0, clip_eps: null}
+    Run its tests: ``pytest tests/test_objectives_pg.py -q``
 """
+
 from __future__ import annotations
 
-import torch
+import random
 
+import torch
+from torch import Tensor
+
+from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
 from mmdistill.objectives.policy_gradient import (
     check_same_shape,
     discounted_cumsum,
     masked_sum,
     policy_gradient_loss,
 )
+from mmdistill.registry import OBJECTIVES
 
-__all__ = ["opd_advantages", "opd_loss"]
+__all__ = ["opd_advantages", "opd_loss", "check_gamma", "check_clip_eps", "sampled_logps", "OPD"]
 
 
 @torch.no_grad()
@@ -74,3 +84,57 @@ def opd_loss(
         reverse_kl = masked_sum(behavior_logp_B_T - teacher_logp_B_T.to(behavior_logp_B_T.dtype), keep) / count
     metrics["reverse_kl"] = float(reverse_kl)
     return loss, metrics
+
+
+def check_gamma(gamma: float) -> None:
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"objective.gamma must lie in [0, 1], got {gamma}")
+
+
+def check_clip_eps(clip_eps: float | None) -> None:
+    if clip_eps is not None and not 0.0 < clip_eps < 1.0:
+        raise ValueError(f"objective.clip_eps must lie in (0, 1) or be null, got {clip_eps}")
+
+
+def sampled_logps(b: ObjectiveBatch) -> tuple[Tensor, Tensor]:
+    """`(logp_B_T, teacher_logp_B_T)`: the student's (with gradient) and the teacher's (without) log-probs
+    of the rollout's own actions; shared by OPD and its reward-aware variants (SCOPE, KEPO, SOD, Uni-OPD)."""
+    actions = b.rollout.actions
+    logp_B_T = b.student.log_prob(actions)
+    with torch.no_grad():
+        teacher_logp_B_T = b.teacher.log_prob(actions)
+    return logp_B_T, teacher_logp_B_T
+
+
+@OBJECTIVES.register("opd")
+class OPD:
+    """Sampled-token on-policy distillation: advantage -coef (log pi_old - log pi_T), discounted by gamma,
+    in an importance-sampling (clip_eps null) or PPO-clipped policy-gradient update."""
+
+    temperature = 1.0  # unused: scored at the rollout temperature, so ratios compare like with like
+
+    def __init__(self, coef: float = 1.0, gamma: float = 0.0, clip_eps: float | None = None):
+        check_gamma(gamma)
+        check_clip_eps(clip_eps)
+        self.coef, self.gamma, self.clip_eps = coef, gamma, clip_eps
+        self.needs = Needs(teacher=True, teacher_scores=True, sampled_actions=True)
+
+    def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
+        return RolloutRequest(source="student")
+
+    def prepare(self, rollout: Rollout) -> Rollout:
+        return rollout
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        r = b.rollout
+        logp_B_T, teacher_logp_B_T = sampled_logps(b)
+        return opd_loss(
+            logp_B_T,
+            r.behavior_logp_B_T,
+            teacher_logp_B_T,
+            r.mask_B_T,
+            coef=self.coef,
+            gamma=self.gamma,
+            clip_eps=self.clip_eps,
+            normalizer=b.normalizer,
+        )

@@ -6,6 +6,7 @@ clipped as in PPO.  Advantages and behaviour log-probs are treated as constants 
 
 Run its tests: ``pytest tests/test_objectives_pg.py -q``
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,7 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["discounted_cumsum", "policy_gradient_loss", "add_kl_penalty", "masked_sum", "resolve_normalizer", "check_same_shape"]
+__all__ = [
+    "discounted_cumsum",
+    "policy_gradient_loss",
+    "add_kl_penalty",
+    "masked_sum",
+    "resolve_normalizer",
+    "check_same_shape",
+]
 
 _BLOCK = 64  # time steps solved in closed form per block of discounted_cumsum
 
@@ -141,11 +149,13 @@ def policy_gradient_loss(
     with torch.no_grad():
         keep = mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
         count = keep.sum().clamp(min=1).to(logp_B_T.dtype)
-        stats = torch.stack([
-            masked_sum(ratio_B_T, keep) / count,
-            masked_sum(clipped_B_T.to(logp_B_T.dtype), keep) / count,
-            masked_sum(advantage_B_T, keep) / count,
-        ]).tolist()
+        stats = torch.stack(
+            [
+                masked_sum(ratio_B_T, keep) / count,
+                masked_sum(clipped_B_T.to(logp_B_T.dtype), keep) / count,
+                masked_sum(advantage_B_T, keep) / count,
+            ]
+        ).tolist()
     metrics = {"ratio_mean": stats[0], "clip_fraction": stats[1], "advantage_mean": stats[2]}
     return loss, metrics
 

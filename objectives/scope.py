@@ -24,21 +24,33 @@ Choices (the paper's released code computes the weights once per rollout batch):
   nothing; the other branch keeps weights summing to 1 (an all-correct group is
   MLE only, an all-wrong group OPD only).  There is no fallback weight.
 
-Run its tests: ``pytest tests/test_objectives_text_methods.py -q -k scope``
+The registered `scope` objective: student rollouts, teacher-scored, verifier-rewarded (a rollout
+is correct when `reward >= reward_threshold`); it normalises over whole prompt groups, so
+`train.micro_batch_size` must be a multiple of `rollout.group_size` (checked at each call).
+
+    objective: {type: scope, tau: 1.0}
+    Run its tests: ``pytest tests/test_objectives_text_methods.py -q -k scope``
 """
+
 from __future__ import annotations
 
-import torch
+import random
 
-from mmdistill.objectives.opd import opd_advantages
+import torch
+from torch import Tensor
+
+from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
+from mmdistill.objectives.groups import check_whole_groups, group_ids_of, rewards_of, with_group_sizes
+from mmdistill.objectives.opd import check_clip_eps, opd_advantages, sampled_logps
 from mmdistill.objectives.policy_gradient import (
     check_same_shape,
     masked_sum,
     policy_gradient_loss,
     resolve_normalizer,
 )
+from mmdistill.registry import OBJECTIVES
 
-__all__ = ["sequence_mean_logp", "scope_weights", "scope_loss"]
+__all__ = ["sequence_mean_logp", "scope_weights", "scope_loss", "SCOPE"]
 
 
 def sequence_mean_logp(logp_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -55,7 +67,9 @@ def _branch_index(correct_B: torch.Tensor, group_ids_B: torch.Tensor) -> torch.T
     if group_ids_B.dtype.is_floating_point:
         raise TypeError(f"group_ids must be integers (one id per prompt group); got dtype {group_ids_B.dtype}")
     if correct_B.shape != group_ids_B.shape or correct_B.dim() != 1:
-        raise ValueError(f"correct and group_ids must both be 1-D [B]; got {tuple(correct_B.shape)} and {tuple(group_ids_B.shape)}")
+        raise ValueError(
+            f"correct and group_ids must both be 1-D [B]; got {tuple(correct_B.shape)} and {tuple(group_ids_B.shape)}"
+        )
     _, group_B = torch.unique(group_ids_B, return_inverse=True)
     return 2 * group_B + correct_B.long()
 
@@ -110,7 +124,9 @@ def scope_loss(
     (mean `log pi_old - log pi_T` over wrong tokens) and `weight_max` (largest `n_branch * w`; 1 = uniform)."""
     check_same_shape(logp=logp_B_T, behavior_logp=behavior_logp_B_T, teacher_logp=teacher_logp_B_T, mask=mask_B_T)
     if correct_B.shape != (logp_B_T.shape[0],):
-        raise ValueError(f"expected one correctness flag per rollout [B={logp_B_T.shape[0]}]; got correct {tuple(correct_B.shape)}")
+        raise ValueError(
+            f"expected one correctness flag per rollout [B={logp_B_T.shape[0]}]; got correct {tuple(correct_B.shape)}"
+        )
     weight_B = scope_weights(behavior_logp_B_T, teacher_logp_B_T, mask_B_T, correct_B, group_ids_B, tau)
     branch_B = _branch_index(correct_B, group_ids_B)
     size_B = torch.zeros_like(weight_B).index_add_(0, branch_B, torch.ones_like(weight_B))[branch_B]
@@ -136,3 +152,60 @@ def scope_loss(
         metrics["reverse_kl_wrong"] = float(masked_sum(rkl_B_T, keep_w) / keep_w.sum().clamp(min=1))
         metrics["weight_max"] = float(scale_B.max()) if scale_B.numel() else 0.0
     return mle + opd, metrics
+
+
+@OBJECTIVES.register("scope")
+class SCOPE:
+    """SCOPE: per group, correct rollouts get student-perplexity-weighted MLE, wrong ones
+    teacher-perplexity-weighted OPD (weights PPL_S^(1/tau), PPL_T^(-1/tau), normalised per branch)."""
+
+    temperature = 1.0  # unused: scored at the rollout temperature, so ratios compare like with like
+
+    def __init__(
+        self,
+        tau: float = 1.0,
+        coef: float = 1.0,
+        mle_coef: float = 1.0,
+        reward_threshold: float = 0.5,
+        clip_eps: float | None = None,
+    ):
+        if not tau > 0:
+            raise ValueError(f"objective.tau must be > 0 (1 = the paper's setting), got {tau}")
+        if mle_coef < 0:
+            raise ValueError(f"objective.mle_coef must be >= 0, got {mle_coef}")
+        check_clip_eps(clip_eps)
+        self.tau, self.coef, self.mle_coef, self.reward_threshold, self.clip_eps = (
+            tau,
+            coef,
+            mle_coef,
+            reward_threshold,
+            clip_eps,
+        )
+        self.needs = Needs(teacher=True, teacher_scores=True, rewards=True, sampled_actions=True, whole_groups=True)
+
+    def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
+        return RolloutRequest(source="student")
+
+    def prepare(self, rollout: Rollout) -> Rollout:
+        return with_group_sizes(rollout, "scope")
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        r = b.rollout
+        check_whole_groups(r, "scope")
+        correct_B = rewards_of(r, "scope") >= self.reward_threshold
+        logp_B_T, teacher_logp_B_T = sampled_logps(b)
+        loss, metrics = scope_loss(
+            logp_B_T,
+            r.behavior_logp_B_T,
+            teacher_logp_B_T,
+            r.mask_B_T,
+            correct_B,
+            group_ids_of(r, "scope"),
+            tau=self.tau,
+            coef=self.coef,
+            mle_coef=self.mle_coef,
+            clip_eps=self.clip_eps,
+            normalizer=b.normalizer,
+        )
+        metrics["reward"] = float(r.rewards_B.float().mean())
+        return loss, metrics

@@ -4,16 +4,28 @@ hidden states and the LM head.
 
     L = -sum_t m_t * log p(target_t) / normalizer      (normalizer defaults to the kept-token count)
 
-Run its tests: ``pytest tests/test_objectives_divergence.py -q -k nll``
+The registered `sft` objective is the same loss on a rollout's step distributions: the targets
+are the dataset's own completions (`source: dataset`) or the teacher's samples (`source: teacher`,
+sequence-level KD, where the teacher only writes the completions and is never scored).
+
+    objective: {type: sft, source: dataset}
+    Run its tests: ``pytest tests/test_objectives_divergence.py -q -k nll``
 """
+
 from __future__ import annotations
 
+import random
+from typing import Literal
+
 import torch
+from torch import Tensor
 
-from mmdistill.objectives.divergence import chunked_token_logp
+from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
+from mmdistill.kernels import chunked_token_logp
 from mmdistill.objectives.policy_gradient import masked_sum, resolve_normalizer
+from mmdistill.registry import OBJECTIVES
 
-__all__ = ["token_nll", "chunked_token_nll"]
+__all__ = ["token_nll", "chunked_token_nll", "SFT"]
 
 
 def _nll_metrics(nll_sum: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
@@ -79,10 +91,37 @@ def chunked_token_nll(
     keep = mask_N if mask_N.dtype == torch.bool else mask_N != 0
     rows = keep.nonzero().squeeze(-1)
     logp_K = chunked_token_logp(
-        hidden_N_H.index_select(0, rows), head_weight_V_H, targets_N.index_select(0, rows),
-        chunk_size=chunk_size, vocab_size=vocab_size,
+        hidden_N_H.index_select(0, rows),
+        head_weight_V_H,
+        targets_N.index_select(0, rows),
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
     )
     weight_K = None if mask_N.dtype == torch.bool else mask_N.index_select(0, rows)
     nll_sum = -masked_sum(logp_K, weight_K)
     loss = nll_sum / resolve_normalizer(normalizer, mask_N, logp_K)
     return loss, _nll_metrics(nll_sum.detach(), keep)
+
+
+@OBJECTIVES.register("sft")
+class SFT:
+    """Token cross-entropy on dataset (gold) or teacher-sampled completions (sequence-level KD)."""
+
+    temperature = 1.0
+
+    def __init__(self, source: Literal["dataset", "teacher"] = "dataset"):
+        self.source = source
+        self.needs = Needs(teacher=source == "teacher")  # the teacher only writes the completions
+
+    def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
+        return RolloutRequest(source=self.source)
+
+    def prepare(self, rollout: Rollout) -> Rollout:
+        return rollout
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        mask_B_T = b.rollout.mask_B_T
+        logp_B_T = b.student.log_prob(b.rollout.actions)
+        loss = -(logp_B_T * mask_B_T).sum() / b.normalizer
+        n = mask_B_T.sum().clamp(min=1)
+        return loss, {"nll": float(-(logp_B_T.detach() * mask_B_T).sum() / n)}

@@ -21,16 +21,28 @@ token mean would give another g but the same invariant.  The shift is applied af
 discounting (gamma), to the advantages the loss uses.  The paper's student-side data
 balancing is a sampling strategy, not part of this loss.
 
-Run its tests: ``pytest tests/test_objectives_text_methods.py -q -k uniopd``
+The registered `uniopd` objective: student rollouts, teacher-scored, verifier-rewarded (correct
+when `reward >= reward_threshold`); it normalises over whole prompt groups, so
+`train.micro_batch_size` must be a multiple of `rollout.group_size` (checked at each call).
+
+    objective: {type: uniopd, delta: 0.4}
+    Run its tests: ``pytest tests/test_objectives_text_methods.py -q -k uniopd``
 """
+
 from __future__ import annotations
 
+import random
+
 import torch
+from torch import Tensor
 
-from mmdistill.objectives.opd import opd_advantages
+from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
+from mmdistill.objectives.groups import check_whole_groups, group_ids_of, rewards_of, with_group_sizes
+from mmdistill.objectives.opd import check_clip_eps, check_gamma, opd_advantages, sampled_logps
 from mmdistill.objectives.policy_gradient import check_same_shape, masked_sum, policy_gradient_loss
+from mmdistill.registry import OBJECTIVES
 
-__all__ = ["group_gap", "margin_calibrate", "uniopd_loss"]
+__all__ = ["group_gap", "margin_calibrate", "uniopd_loss", "UniOPD"]
 
 
 def _check_groups(correct_B: torch.Tensor, group_ids_B: torch.Tensor, B: int) -> torch.Tensor:
@@ -40,7 +52,9 @@ def _check_groups(correct_B: torch.Tensor, group_ids_B: torch.Tensor, B: int) ->
     if group_ids_B.dtype.is_floating_point:
         raise TypeError(f"group_ids must be integers (one id per prompt group); got dtype {group_ids_B.dtype}")
     if correct_B.shape != (B,) or group_ids_B.shape != (B,):
-        raise ValueError(f"expected correct and group_ids of shape [B={B}]; got {tuple(correct_B.shape)} and {tuple(group_ids_B.shape)}")
+        raise ValueError(
+            f"expected correct and group_ids of shape [B={B}]; got {tuple(correct_B.shape)} and {tuple(group_ids_B.shape)}"
+        )
     _, group_B = torch.unique(group_ids_B, return_inverse=True)
     return group_B
 
@@ -127,3 +141,59 @@ def uniopd_loss(
         metrics["calibrated_fraction"] = float((has_both_G & (gap_G < delta)).sum() / n_both.clamp(min=1))
         metrics["reverse_kl"] = float(masked_sum(rkl_B_T, keep_B_T) / keep_B_T.sum().clamp(min=1))
     return loss, metrics
+
+
+@OBJECTIVES.register("uniopd")
+class UniOPD:
+    """Uni-OPD margin calibration: OPD advantages shifted per group so that correct rollouts'
+    mean advantage exceeds wrong ones' by at least delta."""
+
+    temperature = 1.0  # unused: scored at the rollout temperature, so ratios compare like with like
+
+    def __init__(
+        self,
+        delta: float = 0.4,
+        coef: float = 1.0,
+        gamma: float = 0.0,
+        reward_threshold: float = 0.5,
+        clip_eps: float | None = None,
+    ):
+        if delta < 0:
+            raise ValueError(f"objective.delta must be >= 0 (0.4 in the paper), got {delta}")
+        check_gamma(gamma)
+        check_clip_eps(clip_eps)
+        self.delta, self.coef, self.gamma, self.reward_threshold, self.clip_eps = (
+            delta,
+            coef,
+            gamma,
+            reward_threshold,
+            clip_eps,
+        )
+        self.needs = Needs(teacher=True, teacher_scores=True, rewards=True, sampled_actions=True, whole_groups=True)
+
+    def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
+        return RolloutRequest(source="student")
+
+    def prepare(self, rollout: Rollout) -> Rollout:
+        return with_group_sizes(rollout, "uniopd")
+
+    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
+        r = b.rollout
+        check_whole_groups(r, "uniopd")
+        correct_B = rewards_of(r, "uniopd") >= self.reward_threshold
+        logp_B_T, teacher_logp_B_T = sampled_logps(b)
+        loss, metrics = uniopd_loss(
+            logp_B_T,
+            r.behavior_logp_B_T,
+            teacher_logp_B_T,
+            r.mask_B_T,
+            correct_B,
+            group_ids_of(r, "uniopd"),
+            delta=self.delta,
+            coef=self.coef,
+            gamma=self.gamma,
+            clip_eps=self.clip_eps,
+            normalizer=b.normalizer,
+        )
+        metrics["reward"] = float(r.rewards_B.float().mean())
+        return loss, metrics

@@ -1,8 +1,11 @@
-"""Reference tests for mmdistill.objectives.divergence (and the SFT losses built on its
-chunked heads): brute-force float64 enumeration over small vocabularies.
+"""Reference tests for mmdistill.kernels (and the SFT losses built on its
+chunked heads): brute-force float64 enumeration over small vocabularies; the registered
+divergence objectives (jsd.py, reverse_kl.py, forward_kl.py, gkd.py, opsd.py), hard_ce and sft
+on the same brute force.
 
     pytest tests/test_objectives_divergence.py -q
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmdistill.objectives.divergence as divergence
-from mmdistill.objectives.divergence import (
+import mmdistill.kernels as divergence
+from mmdistill.interfaces import ObjectiveBatch, Rollout
+from mmdistill.kernels import (
     chunked_divergence,
     chunked_entropy,
     chunked_token_logp,
@@ -22,7 +26,14 @@ from mmdistill.objectives.divergence import (
     topk_tail,
     topk_tail_divergence,
 )
-from mmdistill.objectives.sft import chunked_token_nll, token_nll
+from mmdistill.objectives.forward_kl import ForwardKL
+from mmdistill.objectives.gkd import GKD
+from mmdistill.objectives.hard_ce import HardCE
+from mmdistill.objectives.jsd import JSD
+from mmdistill.objectives.opsd import OPSD
+from mmdistill.objectives.reverse_kl import ReverseKL
+from mmdistill.objectives.sft import SFT, chunked_token_nll, token_nll
+from mmdistill.stepdist import Categorical, HiddenCategorical
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 F64 = torch.float64
@@ -60,9 +71,7 @@ def _brute_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta:
     """Per-token generalized JSD `[...]` by plain Python sums over the vocabulary."""
     s_rows = student_logits.reshape(-1, student_logits.shape[-1]).tolist()
     t_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1]).tolist()
-    values = [
-        _jsd_probs(_softmax(s, temperature), _softmax(t, temperature), beta) for s, t in zip(s_rows, t_rows)
-    ]
+    values = [_jsd_probs(_softmax(s, temperature), _softmax(t, temperature), beta) for s, t in zip(s_rows, t_rows)]
     return torch.tensor(values, dtype=F64).reshape(student_logits.shape[:-1])
 
 
@@ -88,12 +97,8 @@ def test_endpoints_are_exact_kls_and_wrappers_agree():
     g = _gen(1)
     student = torch.randn(4, 9, generator=g, dtype=F64)
     teacher = torch.randn(4, 9, generator=g, dtype=F64)
-    fkl = torch.tensor(
-        [_kl(_softmax(t), _softmax(s)) for s, t in zip(student.tolist(), teacher.tolist())], dtype=F64
-    )
-    rkl = torch.tensor(
-        [_kl(_softmax(s), _softmax(t)) for s, t in zip(student.tolist(), teacher.tolist())], dtype=F64
-    )
+    fkl = torch.tensor([_kl(_softmax(t), _softmax(s)) for s, t in zip(student.tolist(), teacher.tolist())], dtype=F64)
+    rkl = torch.tensor([_kl(_softmax(s), _softmax(t)) for s, t in zip(student.tolist(), teacher.tolist())], dtype=F64)
     torch.testing.assert_close(generalized_jsd(student, teacher, beta=0.0, reduction="none"), fkl, rtol=0, atol=1e-12)
     torch.testing.assert_close(generalized_jsd(student, teacher, beta=1.0, reduction="none"), rkl, rtol=0, atol=1e-12)
     torch.testing.assert_close(forward_kl(student, teacher, reduction="none"), fkl, rtol=0, atol=1e-12)
@@ -228,15 +233,17 @@ def test_chunked_divergence_matches_full(beta, chunk_size):
     s_h, s_w, s_b, t_h, t_w, t_b = _heads(10, bias=(chunk_size == 4))
     weights = torch.rand(s_h.shape[0], generator=_gen(11), dtype=F64)
 
-    got = chunked_divergence(s_h, s_w, t_h, t_w, beta, temperature=0.7, chunk_size=chunk_size,
-                             student_head_bias=s_b, teacher_head_bias=t_b)
+    got = chunked_divergence(
+        s_h, s_w, t_h, t_w, beta, temperature=0.7, chunk_size=chunk_size, student_head_bias=s_b, teacher_head_bias=t_b
+    )
     s_logits = F.linear(s_h, s_w, s_b)
     t_logits = F.linear(t_h, t_w, t_b)
     want = generalized_jsd(s_logits, t_logits, beta=beta, temperature=0.7, reduction="none")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
-    for g_got, g_want in zip(_grads((got * weights).sum(), (s_h, s_w, s_b)),
-                             _grads((want * weights).sum(), (s_h, s_w, s_b))):
+    for g_got, g_want in zip(
+        _grads((got * weights).sum(), (s_h, s_w, s_b)), _grads((want * weights).sum(), (s_h, s_w, s_b))
+    ):
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-6)
 
 
@@ -402,3 +409,97 @@ def test_chunked_token_nll_matches_token_nll(chunk_size):
     assert got_m == pytest.approx(want_m)
     for g_got, g_want in zip(_grads(got, (s_h, s_w)), _grads(want, (s_h, s_w))):
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- registered divergence objectives
+
+
+def _objective_batch(B=3, T=4, V=6, seed=11):
+    g = _gen(seed)
+    student_logits = torch.randn(B, T, V, generator=g, dtype=F64, requires_grad=True)
+    teacher_logits = 2 * torch.randn(B, T, V, generator=g, dtype=F64)
+    actions = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=F64)
+    mask[0, 3] = mask[2, 2:] = 0
+    r = Rollout(
+        context=None, steps=None, actions=actions, mask_B_T=mask, behavior_logp_B_T=torch.zeros(B, T, dtype=F64)
+    )
+    b = ObjectiveBatch(r, Categorical(student_logits, mask), Categorical(teacher_logits, mask), normalizer=7.0)
+    return b, student_logits, teacher_logits, actions, mask
+
+
+@pytest.mark.parametrize(
+    "obj, beta",
+    [
+        (ReverseKL(), 1.0),
+        (ForwardKL(), 0.0),
+        (JSD(), 0.5),
+        (JSD(beta=0.2), 0.2),
+        (GKD(beta=0.9), 0.9),
+        (OPSD(), 1.0),
+    ],
+)
+def test_divergence_objectives_equal_brute_force(obj, beta):
+    b, s_logits, t_logits, _, mask = _objective_batch()
+    want_B_T = _brute_jsd(s_logits.detach(), t_logits, beta) * mask
+    loss, metrics = obj(b)
+    assert float(loss.detach()) == pytest.approx(float(want_B_T.sum() / 7.0), rel=1e-10)
+    assert metrics == {"divergence": pytest.approx(float(want_B_T.sum() / mask.sum()), rel=1e-10)}
+    (grad,) = torch.autograd.grad(loss, s_logits)
+    assert float(grad[mask == 0].abs().max()) == 0.0 and float(grad.abs().max()) > 0
+
+
+def test_divergence_objective_topk_is_the_teacher_topk():
+    g = _gen(3)
+    B, T, H, V = 2, 3, 5, 9
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
+    student = HiddenCategorical(
+        torch.randn(B, T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64), mask
+    )
+    teacher = HiddenCategorical(
+        torch.randn(B, T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64), mask
+    )
+    r = Rollout(
+        context=None, steps=None, actions=torch.zeros(B, T, dtype=torch.long), mask_B_T=mask, behavior_logp_B_T=mask
+    )
+    b = ObjectiveBatch(r, student, teacher, normalizer=5.0)
+    for obj in (ReverseKL(topk=2), JSD(beta=0.3, topk=2), ForwardKL(topk=2), GKD(topk=2), OPSD(topk=2)):
+        d_B_T = student.divergence(teacher.topk(2), beta=obj.beta)
+        full_B_T = student.divergence(teacher, beta=obj.beta)
+        loss = obj(b)[0].detach()
+        assert float(loss) == pytest.approx(float((d_B_T * mask).sum() / 5.0), rel=1e-12)
+        assert float(loss) != pytest.approx(float((full_B_T * mask).sum() / 5.0), rel=1e-3)
+
+
+def test_divergence_objectives_check_their_arguments():
+    with pytest.raises(ValueError, match=r"objective\.beta must lie in \[0, 1\], got 1.5"):
+        JSD(beta=1.5)
+    with pytest.raises(ValueError, match=r"objective\.temperature must be > 0, got 0"):
+        ReverseKL(temperature=0)
+    with pytest.raises(ValueError, match=r"objective\.topk must be >= 1"):
+        ForwardKL(topk=0)
+    with pytest.raises(ValueError, match=r"objective\.lmbda must lie in \[0, 1\]"):
+        GKD(lmbda=-0.1)
+    with pytest.raises(ValueError, match="privileged_template must contain"):
+        OPSD(privileged_template="{question}")
+    assert (
+        ForwardKL().source == "teacher" and ReverseKL().source == "student" and JSD(temperature=2.0).temperature == 2.0
+    )
+
+
+def test_sft_and_hard_ce_by_hand():
+    b, s_logits, t_logits, actions, mask = _objective_batch()
+    logp_B_T_V = torch.log_softmax(s_logits.detach(), -1)
+    nll_B_T = -logp_B_T_V.gather(-1, actions[..., None]).squeeze(-1) * mask
+    loss, m = SFT()(b)
+    assert float(loss.detach()) == pytest.approx(float(nll_B_T.sum() / 7.0), rel=1e-12)
+    assert m == {"nll": pytest.approx(float(nll_B_T.sum() / mask.sum()), rel=1e-12)}
+    hard_B_T = -logp_B_T_V.gather(-1, t_logits.argmax(-1, keepdim=True)).squeeze(-1) * mask
+    loss, m = HardCE()(b)
+    assert float(loss.detach()) == pytest.approx(float(hard_B_T.sum() / 7.0), rel=1e-12)
+    assert m == {"nll": pytest.approx(float(hard_B_T.sum() / mask.sum()), rel=1e-12)}
+    assert (
+        not SFT().needs.teacher
+        and SFT(source="teacher").needs.teacher
+        and not SFT(source="teacher").needs.teacher_scores
+    )

@@ -3,6 +3,7 @@ loop, the k3 estimator, and the loss against a hand-assembled surrogate + KL.
 
     pytest tests/test_objectives_grpo.py -q
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ def test_k3_nonnegative_and_zero_iff_equal():
     k3 = k3_kl(logp, ref)
     assert (k3 > 0).all()
     assert torch.equal(k3_kl(logp, logp), torch.zeros_like(logp))
-    d = (ref - logp)
+    d = ref - logp
     torch.testing.assert_close(k3, d.exp() - d - 1)
 
 

@@ -1,30 +1,35 @@
 """Teacher-shaped rollouts: the engine's mixture sampling, rollout concatenation, multi-teacher
 routing, and the invariants of OPSD, BRTS, AMPO and DAgger (objectives.md section 8)."""
+
 from __future__ import annotations
 
 import copy
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmdistill.config import ModelConfig, RolloutConfig, TinyLMConfig, config_from_raw
+from mmdistill.config import ModelConfig, config_from_raw
+from mmdistill.interfaces import Needs, ObjectiveBatch, RolloutRequest, TeacherGuidance, select_guidance
 from mmdistill.modalities.text.adapter import CausalLMAdapter, cat_rollouts
+from mmdistill.modalities.text.config import TextRolloutConfig, TinyLMConfig
 from mmdistill.modalities.text.tasks.arith import ArithTask
-from mmdistill.objectives.ampo import ampo_loss
-from mmdistill.objectives.brts import brts_loss
-from mmdistill.objectives.dagger import mixture_beta
+from mmdistill.objectives.ampo import AMPO, ampo_loss
+from mmdistill.objectives.brts import BRTS, brts_loss
+from mmdistill.objectives.dagger import DAgger, mixture_beta
 from mmdistill.objectives.grpo import group_advantages, grpo_loss
-from mmdistill.objectives.registered import ObjectiveBatch
-from mmdistill.objectives.registered_guided import AMPO, BRTS, OPSD, DAgger
+from mmdistill.objectives.opsd import OPSD
 from mmdistill.pipeline import run_pipeline
-from mmdistill.rollout import select_guidance
 from mmdistill.stepdist import RoutedCategorical
 
-QUESTIONS = ["Ann has 3 apples . She gets 4 more . How many apples does Ann have ?", "Ben has 9 coins . He loses 2 . How many coins does Ben have ?",
-             "Cara has 5 books . How many books does Cara have ?"]
+QUESTIONS = [
+    "Ann has 3 apples . She gets 4 more . How many apples does Ann have ?",
+    "Ben has 9 coins . He loses 2 . How many coins does Ben have ?",
+    "Cara has 5 books . How many books does Cara have ?",
+]
 
 
 @pytest.fixture
@@ -33,7 +38,14 @@ def adapter(word_tokenizer):
 
 
 def tiny(adapter, hidden=32, seed=0):
-    return adapter.load_model(ModelConfig(tiny=TinyLMConfig(hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, seed=seed))).eval()
+    return adapter.load_model(
+        ModelConfig(tiny=TinyLMConfig(hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, seed=seed))
+    ).eval()
+
+
+def request_of(obj, settings, step=0, total_steps=1):
+    """What the loop hands the adapter: the objective's request with the stage's rollout settings."""
+    return replace(obj.request(step, total_steps, random.Random(0)), settings=settings)
 
 
 # ---------------------------------------------------------------------- engine: mixture sampling
@@ -43,8 +55,12 @@ def test_mixture_extremes_are_the_pure_policies(adapter):
     student, teacher = tiny(adapter, seed=0), tiny(adapter, 48, seed=1)
     greedy_t = adapter.sample(teacher, QUESTIONS, 8, temperature=0.0)
     greedy_s = adapter.sample(student, QUESTIONS, 8, temperature=0.0)
-    all_t = adapter.sample(student, QUESTIONS, 8, temperature=0.0, mixture=(teacher, 1.0), generator=torch.Generator().manual_seed(0))
-    none_t = adapter.sample(student, QUESTIONS, 8, temperature=0.0, mixture=(teacher, 0.0), generator=torch.Generator().manual_seed(0))
+    all_t = adapter.sample(
+        student, QUESTIONS, 8, temperature=0.0, mixture=(teacher, 1.0), generator=torch.Generator().manual_seed(0)
+    )
+    none_t = adapter.sample(
+        student, QUESTIONS, 8, temperature=0.0, mixture=(teacher, 0.0), generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(all_t.actions, greedy_t.actions) and torch.equal(none_t.actions, greedy_s.actions)
     assert bool(all_t.extras["from_teacher_B_T"][all_t.mask_B_T.bool()].all())
     assert not bool(none_t.extras["from_teacher_B_T"].any())
@@ -53,7 +69,9 @@ def test_mixture_extremes_are_the_pure_policies(adapter):
 def test_mixture_logp_is_the_acting_policys(adapter):
     """Each token's behaviour log-prob is that of the model that drew it, at the mixed prefix."""
     student, teacher = tiny(adapter, seed=0), tiny(adapter, 48, seed=1)
-    r = adapter.sample(student, QUESTIONS, 10, temperature=1.0, mixture=(teacher, 0.5), generator=torch.Generator().manual_seed(3))
+    r = adapter.sample(
+        student, QUESTIONS, 10, temperature=1.0, mixture=(teacher, 0.5), generator=torch.Generator().manual_seed(3)
+    )
     drew_B_T = r.extras["from_teacher_B_T"] & r.mask_B_T.bool()
     assert 0 < int(drew_B_T.sum()) < int(r.mask_B_T.sum())  # both policies acted
     with torch.no_grad():
@@ -98,7 +116,9 @@ def test_routed_teachers_equal_each_teacher_on_its_rows(adapter):
         torch.testing.assert_close(d_B_T[rows], s.divergence(alone, beta=1.0)[rows], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp_B_T[rows], alone.log_prob(r.actions)[rows], atol=1e-5, rtol=0)
     sub = routed.select(slice(1, 4))  # micro-batches of a routed teacher
-    torch.testing.assert_close(s.select(slice(1, 4)).divergence(sub, beta=0.5), s.divergence(routed, beta=0.5)[1:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        s.select(slice(1, 4)).divergence(sub, beta=0.5), s.divergence(routed, beta=0.5)[1:4], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_routing_without_tags_or_teacher_is_a_clear_error(adapter):
@@ -121,8 +141,11 @@ def test_opsd_teacher_is_the_student_with_the_solution(adapter):
     problems = task.problems("train", 3)
     student = tiny(adapter)
     obj = OPSD()
-    rc = RolloutConfig(max_new_tokens=8)
-    r = adapter.rollout("student", student, None, task, problems, rc, torch.Generator().manual_seed(0), obj)
+    assert obj.needs == Needs(self_teacher=True) and not obj.needs.teacher and not obj.needs.teacher_scores
+    req = obj.request(0, 1, random.Random(0))
+    assert req == RolloutRequest(source="student", privileged_template="{solution}\n{question}")
+    rc = TextRolloutConfig(max_new_tokens=8)
+    r = adapter.rollout(request_of(obj, rc), student, None, task, problems, torch.Generator().manual_seed(0))
     assert problems[0].solution in adapter.tokenizer.decode(r.teacher_view().steps["prompt_ids"][0])
     s = adapter.step_dist(student, r)
     with torch.no_grad():
@@ -162,12 +185,15 @@ def test_brts_rollout_appends_one_teacher_rollout_per_prompt(adapter):
     problems = [p for p in task.problems("train", 2) for _ in range(3)]
     student, teacher = tiny(adapter), tiny(adapter, 48, seed=1)
     obj = BRTS(n=3, topk=4)
-    rc = RolloutConfig(max_new_tokens=6, group_size=3)
-    r = adapter.rollout("student", student, teacher, task, problems, rc, torch.Generator().manual_seed(0), obj)
+    assert obj.needs == Needs(teacher=True, teacher_scores=True)
+    assert obj.request(0, 1, random.Random(0)).guidance == TeacherGuidance(n=3, keep=1, when="always", threshold=0.5)
+    rc = TextRolloutConfig(max_new_tokens=6, group_size=3)
+    r = adapter.rollout(request_of(obj, rc), student, teacher, task, problems, torch.Generator().manual_seed(0))
     assert r.batch_size == 8 and r.extras["from_teacher_B"].tolist() == [False] * 6 + [True] * 2
     assert r.group_ids_B.tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
     assert r.context.questions[6] == problems[0].question and r.context.questions[7] == problems[3].question
-    obj.prepare(r)
+    r = obj.prepare(r)
+    assert r.extras["branch_tokens"] == (float(r.mask_B_T[:6].sum()), float(r.mask_B_T[6:].sum()))
     s = adapter.step_dist(student, r)
     with torch.no_grad():
         t = adapter.step_dist(teacher, r)
@@ -205,12 +231,18 @@ def test_ampo_guides_only_failed_groups(adapter):
     problems = [p for p in task.problems("train", 2) for _ in range(2)]
     student = tiny(adapter)
     obj = AMPO(n=2, keep=1)
-    obj.teacher_guidance.only_correct = False  # a random teacher is never right: keep its rollouts to see them
-    rc = RolloutConfig(max_new_tokens=6, group_size=2)
-    r = adapter.rollout("student", student, tiny(adapter, 48, seed=1), task, problems, rc, torch.Generator().manual_seed(0), obj)
+    assert obj.needs == Needs(teacher=True, teacher_scores=False, rewards=True, sampled_actions=True)
+    assert obj.guidance == TeacherGuidance(n=2, keep=1, when="all_failed", threshold=0.5, only_correct=True)
+    obj.guidance = replace(
+        obj.guidance, only_correct=False
+    )  # a random teacher is never right: keep its rollouts to see them
+    rc = TextRolloutConfig(max_new_tokens=6, group_size=2)
+    r = adapter.rollout(
+        request_of(obj, rc), student, tiny(adapter, 48, seed=1), task, problems, torch.Generator().manual_seed(0)
+    )
     assert r.batch_size == 6 and r.extras["from_teacher_B"].sum() == 2  # both groups failed: one teacher rollout each
     r.rewards_B[0] = 1.0  # ... but a group with a success would get none
-    assert (r.rewards_B.view(-1)[:2].max() >= 0.5)
+    assert r.rewards_B.view(-1)[:2].max() >= 0.5
 
 
 # ---------------------------------------------------------------------- DAgger
@@ -227,6 +259,20 @@ def test_dagger_schedule():
         DAgger(schedule="cosine")
 
 
+def test_dagger_requests_the_annealed_mixture():
+    """The loop used to call set_step(step, total) before each rollout; request(step, total, rng) now does it."""
+    obj = DAgger(beta0=0.8)
+    assert obj.mixture_beta == 0.8 and obj.needs == Needs(teacher=True, teacher_scores=True)
+    rng = random.Random(0)
+    state = rng.getstate()
+    req = obj.request(50, 100, rng)
+    assert req == RolloutRequest(source="student", mixture_beta=obj.mixture_beta) and obj.mixture_beta == pytest.approx(
+        0.4
+    )
+    assert rng.getstate() == state  # no draw from the step's data rng
+    assert obj.request(100, 100, rng).mixture_beta == 0.0
+
+
 def test_dagger_labels_match_brute_force(adapter):
     student, teacher = tiny(adapter), tiny(adapter, 48, seed=1)
     r = adapter.sample(student, QUESTIONS, 6, mixture=(teacher, 0.5), generator=torch.Generator().manual_seed(0))
@@ -237,23 +283,32 @@ def test_dagger_labels_match_brute_force(adapter):
     m = r.mask_B_T.bool()
     logits_s = torch.nn.functional.linear(s.rows(), s.head_weight_V_H)[:, : adapter.vocab_size].double().log_softmax(-1)
     logits_t = torch.nn.functional.linear(t.rows(), t.head_weight_V_H)[:, : adapter.vocab_size].double().log_softmax(-1)
-    soft, _ = DAgger(label="soft")(ObjectiveBatch(r, s, t, normalizer=n))
+    soft_obj = DAgger(label="soft")
+    soft_obj.request(1, 4, random.Random(0))
+    soft, soft_m = soft_obj(ObjectiveBatch(r, s, t, normalizer=n))
     hard, _ = DAgger(label="hard")(ObjectiveBatch(r, s, t, normalizer=n))
+    assert list(soft_m) == ["teacher_label_loss", "mixture_beta", "teacher_token_fraction"]
+    assert soft_m["mixture_beta"] == pytest.approx(0.5 * 0.75)
     fkl = (logits_t.exp() * (logits_t - logits_s)).sum(-1).sum() / n
     ce = -logits_s.gather(-1, logits_t.argmax(-1, keepdim=True)).sum() / n
-    assert float(soft) == pytest.approx(float(fkl), rel=1e-4) and float(hard) == pytest.approx(float(ce), rel=1e-4)
+    assert float(soft.detach()) == pytest.approx(float(fkl.detach()), rel=1e-4) and float(
+        hard.detach()
+    ) == pytest.approx(float(ce.detach()), rel=1e-4)
     assert m.sum() == r.num_steps()
 
 
 # ---------------------------------------------------------------------- through the training loop
 
 
-@pytest.mark.parametrize("objective, extra", [
-    ({"type": "opsd"}, {}),
-    ({"type": "brts", "n": 2, "topk": 8}, {"rollout": {"group_size": 2}}),
-    ({"type": "ampo", "n": 2}, {"rollout": {"group_size": 4}}),
-    ({"type": "dagger", "beta0": 0.5}, {}),
-])
+@pytest.mark.parametrize(
+    "objective, extra",
+    [
+        ({"type": "opsd"}, {}),
+        ({"type": "brts", "n": 2, "topk": 8}, {"rollout": {"group_size": 2}}),
+        ({"type": "ampo", "n": 2}, {"rollout": {"group_size": 4}}),
+        ({"type": "dagger", "beta0": 0.5}, {}),
+    ],
+)
 def test_guided_objectives_train_end_to_end(tiny_raw, objective, extra):
     raw = copy.deepcopy(tiny_raw)
     raw["stages"] = raw["stages"][:2]
@@ -264,7 +319,9 @@ def test_guided_objectives_train_end_to_end(tiny_raw, objective, extra):
     if objective["type"] == "opsd":
         st.pop("teacher")
     run_pipeline(config_from_raw(raw), quiet=True)
-    rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "student_opd" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(raw["run_dir"]) / "student_opd" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     if objective["type"] == "ampo":  # a 4-step teacher is never right: no guidance, all-zero rewards, no gradient
         assert all(r["teacher_rows"] == 0 for r in rows)
@@ -274,16 +331,25 @@ def test_guided_objectives_train_end_to_end(tiny_raw, objective, extra):
 
 def test_mixture_task_routes_teachers_in_training(tiny_raw):
     raw = copy.deepcopy(tiny_raw)
-    raw["task"] = {"type": "mixture", "tasks": {"add": {"type": "arith", "ops": "+", "max_value": 9},
-                                                "sub": {"type": "arith", "ops": "-", "max_value": 9}}}
-    raw["models"]["teacher_sub"] = {"tiny": {"hidden_size": 24, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "seed": 5}}
+    raw["task"] = {
+        "type": "mixture",
+        "tasks": {
+            "add": {"type": "arith", "ops": "+", "max_value": 9},
+            "sub": {"type": "arith", "ops": "-", "max_value": 9},
+        },
+    }
+    raw["models"]["teacher_sub"] = {
+        "tiny": {"hidden_size": 24, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "seed": 5}
+    }
     raw["stages"] = raw["stages"][:2]
     st = raw["stages"][1]
     st.pop("teacher")
     st["teachers"] = {"add": "teacher_sft", "sub": "teacher_sub"}
     st["train"].update(steps=2, micro_batch_size=4)
     run_pipeline(config_from_raw(raw), quiet=True)
-    rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "student_opd" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(raw["run_dir"]) / "student_opd" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2 and all(r["divergence"] > 0 for r in rows)
     rng = random.Random(0)
     from mmdistill.train import build_task

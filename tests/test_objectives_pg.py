@@ -4,6 +4,7 @@ exact enumeration over a small vocabulary.
 
     pytest tests/test_objectives_pg.py -q
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import math
 import pytest
 import torch
 
-from mmdistill.objectives.divergence import reverse_kl
+from mmdistill.kernels import reverse_kl
 from mmdistill.objectives.opd import opd_advantages, opd_loss
 from mmdistill.objectives.policy_gradient import discounted_cumsum, policy_gradient_loss
 
@@ -138,7 +139,10 @@ def test_opd_loss_expected_gradient_is_reverse_kl_gradient(clip_eps):
     for y in range(V):
         logp_y = logp_all[y].reshape(1, 1)
         loss_y, _ = opd_loss(
-            logp_y, logp_y.detach(), teacher_logp[y].reshape(1, 1), torch.ones(1, 1, dtype=torch.bool),
+            logp_y,
+            logp_y.detach(),
+            teacher_logp[y].reshape(1, 1),
+            torch.ones(1, 1, dtype=torch.bool),
             clip_eps=clip_eps,
         )
         expected_loss = expected_loss + pi[y] * loss_y
@@ -171,12 +175,18 @@ def test_opd_advantages_by_hand():
     adv = opd_advantages(behavior, teacher, mask, coef=2.0, gamma=0.5, env_advantage_B_T=env)
     assert not adv.requires_grad  # a reward: stop-gradient
     per_token = [-2.0 * 0.5, -2.0 * -1.0, 1.0 + 0.0]  # A_env - coef * (behavior - teacher)
-    want = [per_token[0] + 0.5 * per_token[1] + 0.25 * per_token[2], per_token[1] + 0.5 * per_token[2], per_token[2], 0.0]
+    want = [
+        per_token[0] + 0.5 * per_token[1] + 0.25 * per_token[2],
+        per_token[1] + 0.5 * per_token[2],
+        per_token[2],
+        0.0,
+    ]
     torch.testing.assert_close(adv, torch.tensor([want], dtype=F64))
 
     logp = behavior.detach().clone().requires_grad_(True)
-    loss, metrics = opd_loss(logp, behavior.detach(), teacher, mask, coef=2.0, gamma=0.5, env_advantage_B_T=env,
-                             normalizer=6)
+    loss, metrics = opd_loss(
+        logp, behavior.detach(), teacher, mask, coef=2.0, gamma=0.5, env_advantage_B_T=env, normalizer=6
+    )
     assert loss.item() == pytest.approx(-sum(want[:3]) / 6)
     assert metrics["reverse_kl"] == pytest.approx((0.5 - 1.0 + 0.0) / 3)
     assert metrics["ratio_mean"] == pytest.approx(1.0)

@@ -1,27 +1,27 @@
 """Reference tests for SCOPE, KEPO, SOD and Uni-OPD (objectives/scope.py, kepo.py, sod.py,
-uniopd.py, registered_text.py): each method's invariant from docs/objectives.md section 8,
+uniopd.py, each with its registered class): each method's invariant from docs/objectives.md section 8,
 each loss against a float64 per-rollout loop, and each registered objective called
 through ObjectiveBatch with tiny Categorical student and teacher.
 
     pytest tests/test_objectives_text_methods.py -q
 """
+
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
-import mmdistill.objectives.registered_text  # noqa: F401  (registers scope, kepo, sod, uniopd)
+from mmdistill.interfaces import Needs, Objective, ObjectiveBatch, Rollout, RolloutRequest
 from mmdistill.objectives.grpo import group_advantages, grpo_loss
-from mmdistill.objectives.kepo import kepo_gate, kepo_loss
+from mmdistill.objectives.kepo import KEPO, kepo_gate, kepo_loss
 from mmdistill.objectives.opd import opd_advantages, opd_loss
-from mmdistill.objectives.registered import ObjectiveBatch
-from mmdistill.objectives.registered_text import KEPO, SCOPE, SOD, UniOPD
-from mmdistill.objectives.scope import scope_loss, scope_weights
-from mmdistill.objectives.sod import sod_advantages, sod_loss, sod_step_weights, step_ids
-from mmdistill.objectives.uniopd import group_gap, margin_calibrate, uniopd_loss
-from mmdistill.rollout import Rollout
+from mmdistill.objectives.scope import SCOPE, scope_loss, scope_weights
+from mmdistill.objectives.sod import SOD, sod_advantages, sod_loss, sod_step_weights, step_ids
+from mmdistill.objectives.uniopd import UniOPD, group_gap, margin_calibrate, uniopd_loss
+from mmdistill.registry import OBJECTIVES
 from mmdistill.stepdist import Categorical
 
 F64 = torch.float64
@@ -50,8 +50,10 @@ def _surrogate(rho: float, adv: float, clip_eps: float | None) -> float:
 
 GROUPS = torch.tensor([5, 5, 5, 2, 2, 9, 9, 9])
 CORRECT = torch.tensor([True, False, True, False, False, True, True, True])  # group 2 all wrong, 9 all correct
-MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0],
-                     [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=F64)
+MASK = torch.tensor(
+    [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]],
+    dtype=F64,
+)
 
 
 def _mean_logp(row: list[float], mask_row: list[float]) -> float:
@@ -80,7 +82,9 @@ def _scope_weights_loop(student, teacher, mask, correct, groups, tau):
 def test_scope_weights_sum_to_one_per_branch_and_match_loop(tau):
     _, behavior, teacher = _logps(0, 8, 4)
     w = scope_weights(behavior, teacher, MASK, CORRECT, GROUPS, tau=tau)
-    want, _ = _scope_weights_loop(behavior.tolist(), teacher.tolist(), MASK.tolist(), CORRECT.tolist(), GROUPS.tolist(), tau)
+    want, _ = _scope_weights_loop(
+        behavior.tolist(), teacher.tolist(), MASK.tolist(), CORRECT.tolist(), GROUPS.tolist(), tau
+    )
     torch.testing.assert_close(w, torch.tensor(want, dtype=F64), rtol=1e-12, atol=1e-14)
     assert bool((w > 0).all())
     for gid in GROUPS.unique().tolist():
@@ -95,23 +99,48 @@ def test_scope_weights_direction():
     """Correct: the less confident student sample weighs more; wrong: the one the teacher finds likelier weighs more."""
     mask = torch.ones(2, 1, dtype=F64)
     groups = torch.tensor([0, 0])
-    w_c = scope_weights(torch.tensor([[-0.1], [-2.0]], dtype=F64), torch.zeros(2, 1, dtype=F64), mask,
-                        torch.tensor([True, True]), groups)
+    w_c = scope_weights(
+        torch.tensor([[-0.1], [-2.0]], dtype=F64),
+        torch.zeros(2, 1, dtype=F64),
+        mask,
+        torch.tensor([True, True]),
+        groups,
+    )
     assert w_c[1] > w_c[0]
-    w_w = scope_weights(torch.zeros(2, 1, dtype=F64), torch.tensor([[-0.1], [-2.0]], dtype=F64), mask,
-                        torch.tensor([False, False]), groups)
+    w_w = scope_weights(
+        torch.zeros(2, 1, dtype=F64),
+        torch.tensor([[-0.1], [-2.0]], dtype=F64),
+        mask,
+        torch.tensor([False, False]),
+        groups,
+    )
     assert w_w[0] > w_w[1]
-    torch.testing.assert_close(w_c, torch.tensor([math.exp(0.1), math.exp(2.0)], dtype=F64) / (math.exp(0.1) + math.exp(2.0)))
+    torch.testing.assert_close(
+        w_c, torch.tensor([math.exp(0.1), math.exp(2.0)], dtype=F64) / (math.exp(0.1) + math.exp(2.0))
+    )
 
 
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
 def test_scope_loss_matches_per_rollout_loop(clip_eps):
     logp, behavior, teacher = _logps(1, 8, 4)
     coef, mle_coef, tau, N = 0.7, 1.3, 1.0, 40.0
-    loss, metrics = scope_loss(logp, behavior, teacher, MASK, CORRECT, GROUPS, tau=tau, coef=coef, mle_coef=mle_coef,
-                               clip_eps=clip_eps, normalizer=N)
+    loss, metrics = scope_loss(
+        logp,
+        behavior,
+        teacher,
+        MASK,
+        CORRECT,
+        GROUPS,
+        tau=tau,
+        coef=coef,
+        mle_coef=mle_coef,
+        clip_eps=clip_eps,
+        normalizer=N,
+    )
 
-    w, sizes = _scope_weights_loop(behavior.tolist(), teacher.tolist(), MASK.tolist(), CORRECT.tolist(), GROUPS.tolist(), tau)
+    w, sizes = _scope_weights_loop(
+        behavior.tolist(), teacher.tolist(), MASK.tolist(), CORRECT.tolist(), GROUPS.tolist(), tau
+    )
     want = torch.zeros((), dtype=F64)
     for i in range(8):
         for t in range(4):
@@ -142,7 +171,11 @@ def test_scope_equal_perplexities_reduce_to_mle_plus_opd():
     teacher = teacher[:, :1].expand(4, 3).clone()
     for dst, src in ((1, 0), (3, 2)):  # ... equal within each branch
         behavior[dst], teacher[dst] = behavior[src], teacher[src]
-    correct, groups, mask = torch.tensor([True, True, False, False]), torch.zeros(4, dtype=torch.long), torch.ones(4, 3, dtype=F64)
+    correct, groups, mask = (
+        torch.tensor([True, True, False, False]),
+        torch.zeros(4, dtype=torch.long),
+        torch.ones(4, 3, dtype=F64),
+    )
     loss, _ = scope_loss(logp, behavior, teacher, mask, correct, groups)
     c_mask, w_mask = mask * correct[:, None], mask * ~correct[:, None]
     opd, _ = opd_loss(logp, behavior, teacher, w_mask, normalizer=12)
@@ -159,7 +192,9 @@ def test_kepo_zero_under_gate_and_plain_opd_above(gamma, clip_eps):
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2], dtype=F64)  # 0.5: exactly at the gate passes
     passed = kepo_gate(rewards, 0.5)
     assert passed.tolist() == [True, False, True, False]
-    loss, metrics = kepo_loss(logp, behavior, teacher, mask, rewards, threshold=0.5, coef=2.0, gamma=gamma, clip_eps=clip_eps)
+    loss, metrics = kepo_loss(
+        logp, behavior, teacher, mask, rewards, threshold=0.5, coef=2.0, gamma=gamma, clip_eps=clip_eps
+    )
     (grad,) = torch.autograd.grad(loss, logp)
     assert grad[~passed].abs().max() == 0.0  # no distillation gradient under the gate
     assert grad[passed].abs().max() > 1e-3
@@ -171,7 +206,9 @@ def test_kepo_zero_under_gate_and_plain_opd_above(gamma, clip_eps):
     # hand reference: -sum over gated-in tokens of rho * A / (all kept tokens)
     adv = opd_advantages(behavior, teacher, mask, coef=2.0, gamma=gamma).tolist()
     rho = (logp.detach() - behavior).exp().tolist()
-    want = -sum(_surrogate(rho[i][t], adv[i][t], clip_eps) for i in (0, 2) for t in range(5) if mask[i, t]) / float(mask.sum())
+    want = -sum(_surrogate(rho[i][t], adv[i][t], clip_eps) for i in (0, 2) for t in range(5) if mask[i, t]) / float(
+        mask.sum()
+    )
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert metrics["gate_pass_fraction"] == 0.5
 
@@ -241,14 +278,31 @@ def test_sod_advantage_and_loss_by_hand():
 
     a_grpo, c = 0.7, 2.0
     adv = sod_advantages(behavior, teacher, ids, torch.tensor([a_grpo], dtype=F64), coef=c, delta=0.2, eps=eps)
-    want = [a_grpo + c * 1.0 * -0.5, a_grpo + c * 1.0 * 0.5, a_grpo + c * w2 * -1.0, a_grpo + c * w2 * -1.0,
-            a_grpo + c * 1.2 * -0.1, a_grpo + c * 1.2 * 0.1, 0.0]
+    want = [
+        a_grpo + c * 1.0 * -0.5,
+        a_grpo + c * 1.0 * 0.5,
+        a_grpo + c * w2 * -1.0,
+        a_grpo + c * w2 * -1.0,
+        a_grpo + c * 1.2 * -0.1,
+        a_grpo + c * 1.2 * 0.1,
+        0.0,
+    ]
     torch.testing.assert_close(adv, torch.tensor([want], dtype=F64), rtol=1e-12, atol=1e-14)
 
     ratios = [1.5, 0.5, 1.1, 0.7, 1.0, 1.3, 1.0]
     logp = (behavior + torch.tensor([ratios], dtype=F64).log()).requires_grad_(True)
-    loss, metrics = sod_loss(logp, behavior, teacher, mask, ids, torch.tensor([a_grpo], dtype=F64), coef=c, eps=eps,
-                             clip_eps=0.2, normalizer=10)
+    loss, metrics = sod_loss(
+        logp,
+        behavior,
+        teacher,
+        mask,
+        ids,
+        torch.tensor([a_grpo], dtype=F64),
+        coef=c,
+        eps=eps,
+        clip_eps=0.2,
+        normalizer=10,
+    )
     want_loss = -sum(_surrogate(ratios[t], want[t], 0.2) for t in range(6)) / 10
     assert loss.item() == pytest.approx(want_loss, rel=1e-12)
     assert metrics["steps_per_seq"] == 3.0
@@ -316,14 +370,16 @@ def test_uniopd_loss_by_hand():
     mask = torch.ones(2, 2, dtype=F64)
     ratios = torch.tensor([[1.1, 0.9], [1.0, 1.2]], dtype=F64)
     logp = (behavior + ratios.log()).requires_grad_(True)
-    loss, metrics = uniopd_loss(logp, behavior, teacher, mask, torch.tensor([True, False]), torch.tensor([0, 0]),
-                                delta=0.4, normalizer=4)
+    loss, metrics = uniopd_loss(
+        logp, behavior, teacher, mask, torch.tensor([True, False]), torch.tensor([0, 0]), delta=0.4, normalizer=4
+    )
     # g = 0 < 0.4: +0.2 on rollout 0, -0.2 on rollout 1
     want = -(1.1 * 0.0 + 0.9 * 0.4 + 1.0 * -1.2 + 1.2 * 0.8) / 4
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert metrics["gap_before"] == pytest.approx(0.0, abs=1e-12) and metrics["calibrated_fraction"] == 1.0
-    loss_wide, m_wide = uniopd_loss(logp, behavior, teacher, mask, torch.tensor([True, False]), torch.tensor([0, 0]),
-                                    delta=0.0, normalizer=4)  # margin 0 already met: plain OPD
+    loss_wide, m_wide = uniopd_loss(
+        logp, behavior, teacher, mask, torch.tensor([True, False]), torch.tensor([0, 0]), delta=0.0, normalizer=4
+    )  # margin 0 already met: plain OPD
     plain, _ = opd_loss(logp, behavior, teacher, mask, normalizer=4)
     torch.testing.assert_close(loss_wide, plain, rtol=0, atol=0)
     assert m_wide["calibrated_fraction"] == 0.0
@@ -340,8 +396,15 @@ def _batch(B=4, T=3, V=5, seed=9, rewards=(1.0, 0.0, 1.0, 0.0), groups=(0, 0, 1,
     mask = torch.ones(B, T, dtype=F64)
     mask[1, 2] = 0
     behavior = torch.log_softmax(student_logits.detach() + 0.1, -1).gather(-1, actions[..., None]).squeeze(-1) * mask
-    r = Rollout(context=None, steps=None, actions=actions, mask_B_T=mask, behavior_logp_B_T=behavior,
-                rewards_B=torch.tensor(rewards, dtype=F64), group_ids_B=torch.tensor(groups))
+    r = Rollout(
+        context=None,
+        steps=None,
+        actions=actions,
+        mask_B_T=mask,
+        behavior_logp_B_T=behavior,
+        rewards_B=torch.tensor(rewards, dtype=F64),
+        group_ids_B=torch.tensor(groups),
+    )
     b = ObjectiveBatch(r, Categorical(student_logits, mask), Categorical(teacher_logits, mask), None, float(mask.sum()))
     logp = torch.log_softmax(student_logits, -1).gather(-1, actions[..., None]).squeeze(-1) * mask
     teacher = torch.log_softmax(teacher_logits, -1).gather(-1, actions[..., None]).squeeze(-1) * mask
@@ -352,8 +415,11 @@ def test_registered_names_and_attributes():
     for cls, name in ((SCOPE, "scope"), (KEPO, "kepo"), (SOD, "sod"), (UniOPD, "uniopd")):
         assert cls.registry_name == name
         obj = cls()
-        assert obj.needs_teacher and obj.needs_rewards and obj.scores_with_teacher and obj.policy_gradient
-        assert obj.source == "student" and obj.pick_source(None) == "student" and not obj.needs_reference
+        whole = cls in (SCOPE, UniOPD)
+        assert obj.needs == Needs(
+            teacher=True, teacher_scores=True, rewards=True, sampled_actions=True, whole_groups=whole
+        )
+        assert obj.request(0, 1, None) == RolloutRequest(source="student")
 
 
 def test_registered_objectives_equal_the_math():
@@ -363,9 +429,22 @@ def test_registered_objectives_equal_the_math():
     cases = [
         (SCOPE(tau=0.8), scope_loss(logp, behavior, teacher, mask, correct, r.group_ids_B, tau=0.8, normalizer=N)),
         (KEPO(coef=0.5), kepo_loss(logp, behavior, teacher, mask, r.rewards_B, threshold=0.5, coef=0.5, normalizer=N)),
-        (UniOPD(delta=0.3), uniopd_loss(logp, behavior, teacher, mask, correct, r.group_ids_B, delta=0.3, normalizer=N)),
-        (SOD(step_len=2), sod_loss(logp, behavior, teacher, mask, step_ids(r.actions, mask, step_len=2),
-                                   group_advantages(r.rewards_B, r.group_ids_B), normalizer=N)),
+        (
+            UniOPD(delta=0.3),
+            uniopd_loss(logp, behavior, teacher, mask, correct, r.group_ids_B, delta=0.3, normalizer=N),
+        ),
+        (
+            SOD(step_len=2),
+            sod_loss(
+                logp,
+                behavior,
+                teacher,
+                mask,
+                step_ids(r.actions, mask, step_len=2),
+                group_advantages(r.rewards_B, r.group_ids_B),
+                normalizer=N,
+            ),
+        ),
     ]
     for obj, (want, want_metrics) in cases:
         got, metrics = obj(b)
@@ -381,11 +460,16 @@ def test_registered_objectives_equal_the_math():
 def test_group_objectives_refuse_split_groups():
     for obj in (SCOPE(), UniOPD()):
         b, *_ = _batch()
-        obj.prepare(b.rollout)
+        prepared = obj.prepare(b.rollout)
         for sl, ok in ((slice(0, 2), True), (slice(1, 3), False)):  # one whole group; halves of two groups
-            mb = b.rollout.select(sl)
-            mb_batch = ObjectiveBatch(mb, Categorical(b.student.logits_B_T_V[sl], mb.mask_B_T),
-                                      Categorical(b.teacher.logits_B_T_V[sl], mb.mask_B_T), None, b.normalizer)
+            mb = prepared.select(sl)
+            mb_batch = ObjectiveBatch(
+                mb,
+                Categorical(b.student.logits_B_T_V[sl], mb.mask_B_T),
+                Categorical(b.teacher.logits_B_T_V[sl], mb.mask_B_T),
+                None,
+                b.normalizer,
+            )
             if ok:
                 loss, _ = obj(mb_batch)
                 assert torch.isfinite(loss)
@@ -397,9 +481,11 @@ def test_group_objectives_refuse_split_groups():
 def test_sod_prepare_uses_the_whole_step():
     b, logp, behavior, teacher, mask, _ = _batch(rewards=(1.0, 0.0, 0.0, 0.0), groups=(0, 0, 0, 0))
     obj = SOD(step_len=2)
-    obj.prepare(b.rollout)
-    torch.testing.assert_close(b.rollout.extras["advantage_B"], group_advantages(b.rollout.rewards_B, b.rollout.group_ids_B))
-    mb = b.rollout.select(slice(2, 4))  # rewards 0, 0: a per-micro-batch GRPO would give advantage 0
+    prepared = obj.prepare(b.rollout)
+    torch.testing.assert_close(
+        prepared.extras["advantage_B"], group_advantages(b.rollout.rewards_B, b.rollout.group_ids_B)
+    )
+    mb = prepared.select(slice(2, 4))  # rewards 0, 0: a per-micro-batch GRPO would give advantage 0
     assert bool((mb.extras["advantage_B"] < 0).all())
 
 
@@ -421,3 +507,45 @@ def test_registered_hyper_parameters_are_checked():
     b.rollout.rewards_B = None
     with pytest.raises(ValueError, match="needs verifier rewards"):
         KEPO()(b)
+
+
+# --------------------------------------------------------------------------- every registered objective: the contract
+
+# objectives whose constructor has required arguments get minimal valid values here (none today)
+MINIMAL_ARGS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_every_registered_objective_follows_the_contract(name):
+    """mmdistill.interfaces.Objective: declared `needs`, a scoring `temperature`, `request()` returning plain data,
+    `prepare()` and `__call__`; built from its defaults as `objective: {type: NAME}` would build it."""
+    obj = OBJECTIVES.get(name)(**MINIMAL_ARGS.get(name, {}))
+    assert isinstance(obj, Objective), name
+    assert isinstance(obj.needs, Needs) and isinstance(obj.temperature, (int, float)) and obj.temperature > 0
+    assert callable(obj.prepare) and callable(obj)
+    for step in (0, 3):
+        req = obj.request(step, 10, random.Random(step))
+        assert isinstance(req, RolloutRequest) and req.settings is None, name  # the loop adds the stage's settings
+        assert req.source in ("student", "teacher", "dataset")
+    if obj.needs.teacher_scores:
+        assert obj.needs.teacher, f"{name}: teacher_scores without a teacher"
+    assert not (obj.needs.teacher and obj.needs.self_teacher), name
+
+
+def test_no_objective_inherits_from_another():
+    """Shared math is plain functions: no registered class derives from another objective class."""
+    classes = [OBJECTIVES.get(n) for n in OBJECTIVES.names()]
+    for cls in classes:
+        bases = [b for b in cls.__mro__[1:] if b is not object and not b.__dict__.get("_is_protocol", False)]
+        assert not bases, f"{cls.__name__} inherits from {[b.__name__ for b in bases]}"
+
+
+def test_gkd_draws_its_source_like_pick_source():
+    """GKD's `request` makes exactly the draw `pick_source` made: one rng.random() against lmbda."""
+    from mmdistill.objectives.gkd import GKD
+
+    obj, rng, replay = GKD(lmbda=0.3), random.Random(7), random.Random(7)
+    got = [obj.request(k, 50, rng).source for k in range(50)]
+    want = ["student" if replay.random() < 0.3 else "dataset" for _ in range(50)]
+    assert got == want and {"student", "dataset"} == set(got)
+    assert rng.getstate() == replay.getstate()
