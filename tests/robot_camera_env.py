@@ -1,5 +1,6 @@
 """A tiny deterministic robot task with a camera and a language instruction, for tests of
 policies that need images or text (flow heads, tokenised actions) without a simulator."""
+
 from __future__ import annotations
 
 import numpy as np

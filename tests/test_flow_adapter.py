@@ -3,10 +3,12 @@ task, config errors, the smoke pipeline and the sampling benchmark.
 
     python -m pytest tests/test_flow_adapter.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,11 @@ pytest.importorskip("diffusers")
 from mmdistill.cli import main  # noqa: E402
 from mmdistill.config import ModelConfig, TokenizerConfig, config_from_raw, load_config  # noqa: E402
 from mmdistill.errors import CompatibilityError  # noqa: E402
-from mmdistill.modalities.flow.adapter import FlowAdapter, TinyFlowConfig  # noqa: E402
-from mmdistill.modalities.flow.task import ShapesProblem, ShapesTask  # noqa: E402
+from mmdistill.interfaces import ObjectiveBatch  # noqa: E402
 from mmdistill.modalities.flow import shapes as S  # noqa: E402
-from mmdistill.objectives.registered import ObjectiveBatch  # noqa: E402
+from mmdistill.modalities.flow.adapter import FlowAdapter  # noqa: E402
+from mmdistill.modalities.flow.config import FlowRolloutConfig, TinyFlowConfig  # noqa: E402
+from mmdistill.modalities.flow.task import ShapesProblem, ShapesTask  # noqa: E402
 from mmdistill.pipeline import run_pipeline  # noqa: E402
 from mmdistill.train import build_objective, merge_weights  # noqa: E402
 
@@ -39,8 +42,16 @@ def tiny(adapter: FlowAdapter, seed: int, text_seed: int = 0) -> torch.nn.Module
     return adapter.load_model(ModelConfig(tiny=TinyFlowConfig(**TINY, seed=seed, text_seed=text_seed)), f"m{seed}")
 
 
-class RC:  # the rollout section the adapter reads
-    num_steps, guidance_scale, noise_level, logprob_reduce = 3, 1.0, 0.7, "sum"
+RC = FlowRolloutConfig(
+    num_steps=3, guidance_scale=1.0, noise_level=0.7, logprob_reduce="sum"
+)  # the stage's rollout section
+
+
+def rollout_of(adapter, objective, student, teacher, probs, seed=0):
+    """What the loop does: the objective's request with the stage's settings, then prepare."""
+    request = replace(objective.request(0, 1, random.Random(0)), settings=RC)
+    r = adapter.rollout(request, student, teacher, ShapesTask(), probs, torch.Generator().manual_seed(seed))
+    return objective.prepare(r)
 
 
 def problems(tags: list[str]) -> list[ShapesProblem]:
@@ -52,8 +63,7 @@ def test_routing_one_hot_gives_each_prompt_its_tags_teacher():
     adapter = make_adapter()
     student, t_color, t_pos = tiny(adapter, 1), tiny(adapter, 2), tiny(adapter, 3)
     probs = problems(["color", "position", "position", "color"])
-    gen = torch.Generator().manual_seed(0)
-    rollout = adapter.rollout("student", student, None, ShapesTask(), probs, RC, gen, build_objective({"type": "flow_opd", "mar_coef": 0.0}, "s"))
+    rollout = rollout_of(adapter, build_objective({"type": "flow_opd", "mar_coef": 0.0}, "s"), student, None, probs)
     with torch.no_grad():
         routed = adapter.step_dist({"color": t_color, "position": t_pos}, rollout).velocity_B_T_D
         v_color = adapter.step_dist(t_color, rollout).velocity_B_T_D
@@ -76,7 +86,7 @@ def test_flow_opd_step_through_the_adapter_on_a_saved_and_reloaded_pipeline(tmp_
     teachers = {"color": tiny(adapter, 2).requires_grad_(False), "position": tiny(adapter, 3).requires_grad_(False)}
     anchor = tiny(adapter, 4).requires_grad_(False)
     obj = build_objective({"type": "flow_opd", "variant": "gkd", "mar_coef": 0.04}, "s")
-    rollout = adapter.rollout("student", reloaded, None, ShapesTask(), problems(["color", "position"]), RC, torch.Generator().manual_seed(0), obj)
+    rollout = rollout_of(adapter, obj, reloaded, None, problems(["color", "position"]))
     assert rollout.rewards_B.shape == (2,) and rollout.actions.shape == (2, 3, 3 * 8 * 8)
     s = adapter.step_dist(reloaded, rollout)
     with torch.no_grad():
@@ -109,7 +119,7 @@ def test_flow_matching_rollout_targets_and_cond_dropout():
     student = tiny(adapter, 1)
     obj = build_objective({"type": "flow_matching", "cond_dropout": 0.5}, "s")
     probs = problems(["color"] * 64)
-    r = adapter.rollout("dataset", student, None, ShapesTask(), probs, RC, torch.Generator().manual_seed(0), obj)
+    r = rollout_of(adapter, obj, student, None, probs)
     s = r.steps
     x_s, target = s.x_t_B_T_D[:, 0], r.extras["target_v_B_T_D"][:, 0]
     sigma = s.sigma_B_T[:, :1]
@@ -159,7 +169,13 @@ def test_flow_opd_pipeline_smoke_writes_the_report_and_grids_and_resumes(tmp_pat
         assert 0.0 <= report[key]["color_reward"] <= 1.0 and 0.0 <= report[key]["position_reward"] <= 1.0, key
     run = Path(raw["run_dir"])
     assert json.loads((run / "report.json").read_text())["flow_opd"] == report["flow_opd"]
-    for png in ("evaluate/base.png", "evaluate/flow_opd.png", "flow_opd/samples/step_000001.png", "flow_opd/samples/final.png", "report.png"):
+    for png in (
+        "evaluate/base.png",
+        "evaluate/flow_opd.png",
+        "flow_opd/samples/step_000001.png",
+        "flow_opd/samples/final.png",
+        "report.png",
+    ):
         assert (run / png).stat().st_size > 1000, png
     assert (run / "flow_opd" / "final" / "model_index.json").exists()
     rows = [json.loads(line) for line in (run / "teacher_color" / "metrics.jsonl").read_text().splitlines()]
@@ -174,23 +190,31 @@ def test_flow_opd_pipeline_smoke_writes_the_report_and_grids_and_resumes(tmp_pat
 def test_cold_start_by_sft_on_routed_teacher_samples(tmp_path):
     raw = raw_smoke(tmp_path)
     raw["stages"] = [s for s in raw["stages"] if s["name"] in ("base", "teacher_color", "teacher_position")]
-    raw["stages"].append({
-        "name": "sft_cold", "student": "base", "teachers": {"color": "teacher_color", "position": "teacher_position"},
-        "objective": {"type": "flow_matching", "source": "teacher"}, "train": {"steps": 2, "batch_size": 4, "log_every": 1},
-    })
+    raw["stages"].append(
+        {
+            "name": "sft_cold",
+            "student": "base",
+            "teachers": {"color": "teacher_color", "position": "teacher_position"},
+            "objective": {"type": "flow_matching", "source": "teacher"},
+            "train": {"steps": 2, "batch_size": 4, "log_every": 1},
+        }
+    )
     run_pipeline(config_from_raw(raw), quiet=True)
     rows = [json.loads(line) for line in (Path(raw["run_dir"]) / "sft_cold" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["fm_loss"] > 0 for r in rows)
     assert (Path(raw["run_dir"]) / "sft_cold" / "final" / "model_index.json").exists()
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (lambda r: r["stages"][4].update(anchor=None), "needs an anchor"),
-    (lambda r: r["models"]["base_init"]["tiny"].update(bogus=1), "models.base_init.tiny.bogus"),
-    (lambda r: r["stages"][4]["teachers"].update(color="nope"), "teachers.color"),
-    (lambda r: r["models"]["cold_start"]["merge"].update(sources=["teacher_color"]), "at least two"),
-    (lambda r: r["stages"][4].update(teacher="teacher_color"), "not both"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda r: r["stages"][4].update(anchor=None), "needs an anchor"),
+        (lambda r: r["models"]["base_init"]["tiny"].update(bogus=1), "models.base_init.tiny.bogus"),
+        (lambda r: r["stages"][4]["teachers"].update(color="nope"), "teachers.color"),
+        (lambda r: r["models"]["cold_start"]["merge"].update(sources=["teacher_color"]), "at least two"),
+        (lambda r: r["stages"][4].update(teacher="teacher_color"), "not both"),
+    ],
+)
 def test_flow_config_errors_are_one_line(tmp_path, capsys, change, fragment):
     raw = yaml.safe_load((REPO / "configs" / "flow" / "shapes_flow_opd.yaml").read_text())
     raw["run_dir"] = str(tmp_path / "run")
@@ -230,7 +254,7 @@ def test_bench_flow_sampling_writes_ratio_and_matches_diffusers(tmp_path):
 
 def test_flux_noise_level_zero_reproduces_flux_pipeline():
     from mmdistill.modalities.flow import pipelines as P
-    from mmdistill.modalities.flow.sde import sample_sde
+    from mmdistill.sde import sample_sde
 
     pipe = P.build_tiny_flux_pipeline(["a", "red", "circle"], image_size=16)
     pipe.set_progress_bar_config(disable=True)
@@ -239,8 +263,14 @@ def test_flux_noise_level_zero_reproduces_flux_pipeline():
     sigmas = P.pipeline_sigmas(pipe, 4, 16)  # linspace(1, 1/N) shifted by the resolution's mu
     ours = sample_sde(P.velocity_fn(pipe.transformer), noise, sigmas, cond, guidance_scale=3.5, noise_level=0.0)
     theirs = pipe(
-        prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], latents=P.pack_latents(noise),
-        num_inference_steps=4, guidance_scale=3.5, height=16, width=16, output_type="latent",
+        prompt_embeds=cond["prompt_embeds"],
+        pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+        latents=P.pack_latents(noise),
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=16,
+        width=16,
+        output_type="latent",
     ).images
     torch.testing.assert_close(P.pack_latents(ours.extras["x0_B_C_H_W"]), theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(P.unpack_latents(P.pack_latents(noise), 8, 8), noise)
@@ -253,11 +283,13 @@ def test_lora_student_trains_only_lora_and_saves_a_merged_pipeline(tmp_path, arc
     adapter = make_adapter()
     cfg = TinyFlowConfig(**{**TINY, "image_size": 8 if arch == "sd3" else 16}, arch=arch, seed=1)
     student = adapter.load_model(ModelConfig(tiny=cfg, lora=LoraConfig(r=4, alpha=8)), "student")
-    teacher = adapter.load_model(ModelConfig(tiny=TinyFlowConfig(**{**dataclass_dict(cfg), "seed": 2})), "teacher").requires_grad_(False)
+    teacher = adapter.load_model(
+        ModelConfig(tiny=TinyFlowConfig(**{**dataclass_dict(cfg), "seed": 2})), "teacher"
+    ).requires_grad_(False)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     obj = build_objective({"type": "flow_opd", "variant": "gkd", "mar_coef": 0.0}, "s")
-    r = adapter.rollout("student", student, None, ShapesTask(), problems(["color", "position"]), RC, torch.Generator().manual_seed(0), obj)
+    r = rollout_of(adapter, obj, student, None, problems(["color", "position"]))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     with torch.no_grad():
         t = adapter.step_dist(teacher, r)
@@ -268,7 +300,12 @@ def test_lora_student_trains_only_lora_and_saves_a_merged_pipeline(tmp_path, arc
     assert (tmp_path / "s" / "lora_adapter" / "adapter_config.json").exists()
     merged = make_adapter().load_model(ModelConfig(path=str(tmp_path / "s")), "merged")
     with torch.no_grad():
-        torch.testing.assert_close(adapter.step_dist(merged, r).velocity_B_T_D, adapter.step_dist(student, r).velocity_B_T_D, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            adapter.step_dist(merged, r).velocity_B_T_D,
+            adapter.step_dist(student, r).velocity_B_T_D,
+            rtol=1e-4,
+            atol=1e-5,
+        )
         assert not torch.allclose(adapter.step_dist(merged, r).velocity_B_T_D, t.velocity_B_T_D)
 
 
@@ -307,8 +344,14 @@ def test_interrupted_flow_grpo_stage_resumes_to_the_same_weights(tmp_path, monke
     def raw(run: str) -> dict:
         r = raw_smoke(tmp_path)
         r["run_dir"] = str(tmp_path / run)
-        r["stages"] = [{"name": "g", "student": "base_init", "objective": {"type": "flow_grpo", "kl_beta": 0.04, "timestep_fraction": 0.5},
-                        "train": {"steps": 4, "batch_size": 4, "lr": 0.001, "save_every": 1, "log_every": 1}}]
+        r["stages"] = [
+            {
+                "name": "g",
+                "student": "base_init",
+                "objective": {"type": "flow_grpo", "kl_beta": 0.04, "timestep_fraction": 0.5},
+                "train": {"steps": 4, "batch_size": 4, "lr": 0.001, "save_every": 1, "log_every": 1},
+            }
+        ]
         return r
 
     run_pipeline(config_from_raw(raw("straight")), quiet=True)

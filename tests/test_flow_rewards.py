@@ -1,7 +1,8 @@
 """CLIP score through open_clip with weights from a local file, and the prompt-file task.
 
-    python -m pytest tests/test_flow_rewards.py -q -o addopts=""
+python -m pytest tests/test_flow_rewards.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,10 @@ def test_clip_score_is_the_cosine_of_the_models_embeddings(clip_file):
     got = reward(images, prompts)
     # brute force with the original model: resize, normalise, encode, cosine
     x = torch.nn.functional.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean, std = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1), torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1),
+        torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1),
+    )
     with torch.no_grad():
         img = torch.nn.functional.normalize(model.encode_image((x - mean) / std), dim=-1)
         txt = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer("ViT-S-32")(prompts)), dim=-1)

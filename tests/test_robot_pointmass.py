@@ -3,6 +3,7 @@ divergences, and the full warm-up + on-policy distillation loop.
 
     python -m pytest tests/test_robot_pointmass.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import random
@@ -80,7 +81,10 @@ def test_pointmass_warmup_then_on_policy_distillation_learns(tmp_path):
     assert (tmp_path / "run" / "evaluate" / "teacher.gif").stat().st_size > 1000  # episode video
     # the stage's own final evaluation is reused (same settings, same task), its video copied
     assert Path(report["rkl_opd"]["video"]) == tmp_path / "run" / "evaluate" / "rkl_opd.gif"
-    assert Path(report["rkl_opd"]["video"]).read_bytes() == (tmp_path / "run" / "rkl_opd" / "samples" / "final.gif").read_bytes()
+    assert (
+        Path(report["rkl_opd"]["video"]).read_bytes()
+        == (tmp_path / "run" / "rkl_opd" / "samples" / "final.gif").read_bytes()
+    )
 
 
 # ----------------------------------------------------------------------------- the environment pool
@@ -156,7 +160,8 @@ def test_a_killed_worker_is_replaced(tmp_path):
 
 def test_episodes_in_worker_processes_equal_in_process_episodes():
     from mmdistill.config import ModelConfig
-    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter, TinyPolicyConfig
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+    from mmdistill.modalities.robot.config import TinyPolicyConfig
 
     rollouts = []
     for workers in (0, 3):
@@ -179,11 +184,21 @@ def test_a_policy_for_another_action_size_is_refused_before_training(tmp_path, c
 
     bad = tmp_path / "bad_teacher"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"kind": "gaussian_mlp", "obs_dim": 4, "action_dim": 7, "hidden": 8, "layers": 1}))
+    (bad / "config.json").write_text(
+        json.dumps({"kind": "gaussian_mlp", "obs_dim": 4, "action_dim": 7, "hidden": 8, "layers": 1})
+    )
     raw = yaml.safe_load((REPO / "configs" / "vla" / "pointmass_opd.yaml").read_text())
     raw["run_dir"] = str(tmp_path / "run")
     raw["models"]["teacher"] = {"path": str(bad)}
-    raw["stages"] = [{"name": "opd", "student": "student_init", "teacher": "teacher", "objective": {"type": "reverse_kl"}, "train": {"steps": 1}}]
+    raw["stages"] = [
+        {
+            "name": "opd",
+            "student": "student_init",
+            "teacher": "teacher",
+            "objective": {"type": "reverse_kl"},
+            "train": {"steps": 1},
+        }
+    ]
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
     assert main(["train", str(p)]) == 2
@@ -201,7 +216,10 @@ class _BimodalTeacher:
         self.mask_B_T = mask_B_T
 
     def log_prob(self, a_B_T_D):
-        comps = torch.distributions.Normal(torch.tensor([-1.0, 1.0]), 0.2).log_prob(a_B_T_D[..., :1]) + torch.tensor([0.6, 0.4]).log()
+        comps = (
+            torch.distributions.Normal(torch.tensor([-1.0, 1.0]), 0.2).log_prob(a_B_T_D[..., :1])
+            + torch.tensor([0.6, 0.4]).log()
+        )
         return torch.logsumexp(comps, -1) * self.mask_B_T
 
     def mode(self):
@@ -215,8 +233,10 @@ class _BimodalTeacher:
 def test_on_a_bimodal_teacher_entropy_orders_fkl_above_rkl_above_hard_ce():
     """docs/objectives.md section 4: forward KL covers both modes, reverse KL seeks one, hard CE to
     the teacher's mode collapses -- with the registered objectives and a Gaussian student."""
-    from mmdistill.objectives.registered import OPD, SFT, HardCE, ObjectiveBatch
-    from mmdistill.rollout import Rollout
+    from mmdistill.interfaces import ObjectiveBatch, Rollout
+    from mmdistill.objectives.hard_ce import HardCE
+    from mmdistill.objectives.opd import OPD
+    from mmdistill.objectives.sft import SFT
 
     entropies = {}
     for name, objective in (("fkl", SFT(source="teacher")), ("rkl", OPD(coef=1.0, gamma=0.0)), ("hard_ce", HardCE())):
@@ -232,7 +252,13 @@ def test_on_a_bimodal_teacher_entropy_orders_fkl_above_rkl_above_hard_ce():
                 actions = teacher.sample(n, g)
             else:  # the student's own samples
                 actions = (mean + log_std.exp() * torch.randn(n, 1, 1, generator=g)).detach()
-            rollout = Rollout(context=None, steps=None, actions=actions, mask_B_T=mask, behavior_logp_B_T=student.log_prob(actions).detach())
+            rollout = Rollout(
+                context=None,
+                steps=None,
+                actions=actions,
+                mask_B_T=mask,
+                behavior_logp_B_T=student.log_prob(actions).detach(),
+            )
             loss, _ = objective(ObjectiveBatch(rollout, student, teacher, None, float(n)))
             opt.zero_grad()
             loss.backward()
@@ -240,3 +266,77 @@ def test_on_a_bimodal_teacher_entropy_orders_fkl_above_rkl_above_hard_ce():
         entropies[name] = float(Gaussian(mean.view(1, 1, 1), log_std.exp().view(1, 1, 1), torch.ones(1, 1)).entropy())
     assert entropies["fkl"] > entropies["rkl"] > entropies["hard_ce"], entropies
     assert entropies["fkl"] > 1.0 and entropies["hard_ce"] < 0.0  # std ~1 (both modes) vs collapsing
+
+
+# ----------------------------------------------------------------------------- the adapter contract
+
+
+def test_robot_config_sections_check_their_ranges_bare_key_first():
+    from mmdistill.modalities.robot.config import RobotEvalConfig, RobotRolloutConfig
+
+    with pytest.raises(ValueError, match=r"^n: 0 is below the smallest allowed value 1$"):
+        RobotEvalConfig(n=0)
+    with pytest.raises(ValueError, match=r"^grid: -1 is below the smallest allowed value 0$"):
+        RobotEvalConfig(grid=-1)
+    with pytest.raises(ValueError, match=r"^split: 'val' is not a split"):
+        RobotEvalConfig(split="val")
+    with pytest.raises(ValueError, match=r"^group_size: 0 is below the smallest allowed value 1$"):
+        RobotRolloutConfig(group_size=0)
+    with pytest.raises(ValueError, match=r"^noise_level: -0.1 is below the smallest allowed value 0.0$"):
+        RobotRolloutConfig(noise_level=-0.1)
+    with pytest.raises(ValueError, match=r"^temperature: 0.5 is not supported by robot policies"):
+        RobotRolloutConfig(temperature=0.5)
+
+
+def test_the_robot_adapter_implements_the_adapter_protocol(tmp_path):
+    import json
+
+    from mmdistill.config import ModelConfig
+    from mmdistill.errors import ConfigError
+    from mmdistill.interfaces import Adapter, RolloutRequest
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+    from mmdistill.modalities.robot.config import RobotRolloutConfig, TinyPolicyConfig
+
+    adapter = RobotPolicyAdapter()
+    assert isinstance(adapter, Adapter) and adapter.spec.default_task == "reach" and adapter.spec.can_record
+    task = ReachTask()
+    adapter.bind(task)
+    policy = adapter.load_model(ModelConfig(tiny=TinyPolicyConfig(seed=3)), "p")
+    adapter.save(policy, tmp_path / "p")
+    assert RobotPolicyAdapter.claims_checkpoint(tmp_path / "p")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "type": "x"}))
+    assert not RobotPolicyAdapter.claims_checkpoint(tmp_path / "hf") and not RobotPolicyAdapter.claims_checkpoint(
+        tmp_path
+    )
+    assert (
+        RobotPolicyAdapter.load_tokenizer(tmp_path / "p") is None
+        and RobotPolicyAdapter.build_tokenizer(None, task, {}) is None
+    )
+
+    # the rollout reads its settings from the request and equals the episodes it stands for
+    settings = RobotRolloutConfig()
+    r = adapter.rollout(
+        RolloutRequest(source="student", settings=settings),
+        policy,
+        None,
+        task,
+        [0, 5],
+        torch.Generator().manual_seed(0),
+    )
+    ref = adapter.run_episodes(policy, [0, 5], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r.actions, ref.actions)
+    with pytest.raises(ConfigError, match="no dataset actions"):
+        adapter.rollout(RolloutRequest(source="dataset", settings=settings), policy, None, task, [0], torch.Generator())
+    with pytest.raises(ConfigError, match="mixture_beta=0.5"):
+        adapter.rollout(RolloutRequest(mixture_beta=0.5, settings=settings), policy, None, task, [0], torch.Generator())
+    with pytest.raises(ConfigError, match="prune"):
+        adapter.prune_layers(policy, [0], name="student")
+    with pytest.raises(ConfigError, match="LoRA"):
+        adapter.add_lora(policy, None)
+
+    before = adapter.stage_fingerprint(policy)
+    assert before == adapter.stage_fingerprint(adapter.load_model(ModelConfig(path=str(tmp_path / "p")), "q"))
+    with torch.no_grad():
+        policy.log_std.add_(1.0)
+    assert adapter.stage_fingerprint(policy) != before

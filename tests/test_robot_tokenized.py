@@ -3,19 +3,21 @@ the text adapter, scored by a Gaussian teacher through its bin masses.
 
     python -m pytest tests/test_robot_tokenized.py -q -o addopts=""
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from robot_camera_env import CameraTask
 
 from mmdistill.config import ModelConfig
-from mmdistill.modalities.robot.adapter import RobotPolicyAdapter, TinyPolicyConfig
+from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+from mmdistill.modalities.robot.config import TinyPolicyConfig
 from mmdistill.modalities.robot.policies import GaussianMLPPolicy
 from mmdistill.modalities.robot.tokenized import BinnedGaussian, bin_centers, bin_index
 from mmdistill.objectives.opd import opd_loss
-from robot_camera_env import CameraTask
 
 torch.set_num_threads(1)
 
@@ -30,12 +32,19 @@ def test_binned_gaussian_is_the_gaussian_mass_of_each_bin():
         lo, hi = -1 + 2 * k / n, -1 + 2 * (k + 1) / n
         lo = -math.inf if k == 0 else lo
         hi = math.inf if k == n - 1 else hi
-        ref = [0.5 * (math.erf((hi - m) / (s * math.sqrt(2))) - math.erf((lo - m) / (s * math.sqrt(2)))) for m, s in zip(mean[0].tolist(), std[0].tolist())]
+        ref = [
+            0.5 * (math.erf((hi - m) / (s * math.sqrt(2))) - math.erf((lo - m) / (s * math.sqrt(2))))
+            for m, s in zip(mean[0].tolist(), std[0].tolist())
+        ]
         torch.testing.assert_close(lp.exp()[0], torch.tensor(ref), atol=1e-6, rtol=1e-5)
         total += lp.exp()
     torch.testing.assert_close(total, torch.ones(1, 2))  # the end bins take the tails
-    assert d.mode().tolist() == [[first + int(bin_index(torch.tensor(0.1), n)), first + int(bin_index(torch.tensor(-0.7), n))]]
-    assert float(BinnedGaussian(mean, std, torch.ones(1, 2), first, n).log_prob(torch.tensor([[3, 5]])).max()) == pytest.approx(math.log(1e-6))
+    assert d.mode().tolist() == [
+        [first + int(bin_index(torch.tensor(0.1), n)), first + int(bin_index(torch.tensor(-0.7), n))]
+    ]
+    assert float(
+        BinnedGaussian(mean, std, torch.ones(1, 2), first, n).log_prob(torch.tensor([[3, 5]])).max()
+    ) == pytest.approx(math.log(1e-6))
     assert torch.allclose(bin_centers(4), torch.tensor([-0.75, -0.25, 0.25, 0.75]))
 
 
@@ -43,7 +52,9 @@ def _setup():
     adapter = RobotPolicyAdapter()
     task = CameraTask()
     adapter.bind(task)
-    student = adapter.load_model(ModelConfig(tiny=TinyPolicyConfig(kind="tokenized_lm", chunk_size=2, hidden=32, layers=1, bins=16)), "s")
+    student = adapter.load_model(
+        ModelConfig(tiny=TinyPolicyConfig(kind="tokenized_lm", chunk_size=2, hidden=32, layers=1, bins=16)), "s"
+    )
     teacher = GaussianMLPPolicy(8, 7, chunk_size=2, init_log_std=-1.0)
     return adapter, task, student, teacher
 
@@ -74,9 +85,11 @@ def unwrap_grad(policy) -> float:
 def test_tokenized_student_learns_the_teachers_bins_by_dagger():
     adapter, task, student, teacher = _setup()
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+
     def teacher_logp() -> float:
         r = adapter.run_episodes(student, [0, 1], None, sample=False)
-        return float((adapter.step_dist(teacher, r).log_prob(r.actions).sum() / r.mask_B_T.sum()))
+        return float(adapter.step_dist(teacher, r).log_prob(r.actions).sum() / r.mask_B_T.sum())
+
     before = teacher_logp()
     for step in range(30):
         r = adapter.run_episodes(student, [0, 1], torch.Generator().manual_seed(step))

@@ -1,7 +1,8 @@
 """Tests of the verifiable text tasks: arithmetic word problems, the answer verifier, JSONL math.
 
-    python -m pytest tests/test_tasks_text.py -q
+python -m pytest tests/test_tasks_text.py -q
 """
+
 from __future__ import annotations
 
 import json
@@ -117,7 +118,10 @@ def test_arith_render_matches_hand_written_solution():
     p = task.render((12, "+", 7, "-", 4), random.Random(0))
     assert p.answer == "15"
     assert p.solution == "12 + 7 = 19 . 19 - 4 = 15 . #### 15"
-    assert re.fullmatch(r"[A-Z][a-z]+ has 12 [a-z]+ \. \w+ \w+ 7 more \. Then \w+ [a-z ]+ 4 \. How many [a-z]+ does [A-Z][a-z]+ have \?", p.question), p.question
+    assert re.fullmatch(
+        r"[A-Z][a-z]+ has 12 [a-z]+ \. \w+ \w+ 7 more \. Then \w+ [a-z ]+ 4 \. How many [a-z]+ does [A-Z][a-z]+ have \?",
+        p.question,
+    ), p.question
     one = task.render((1, "+", 2, "+", 3), random.Random(0))
     first_sentence = one.question.split(" . ")[0].split()
     assert first_sentence[1:3] == ["has", "1"]

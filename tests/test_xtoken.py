@@ -1,20 +1,25 @@
 """X-Token cross-tokenizer distillation: W from string rules, projection, character alignment,
-a char-tokenizer teacher scoring a word-tokenizer student end to end, and the demo config."""
-from __future__ import annotations
+a `kind: cross_tokenizer` char-tokenizer teacher scoring a word-tokenizer student end to end with
+the ordinary reverse_kl / jsd objectives, and the demo config.
 
-import math
+    python -m pytest tests/test_xtoken.py -q
+"""
+
+from __future__ import annotations
 
 import pytest
 import torch
 
-from mmdistill.config import ModelConfig, TinyLMConfig, load_config
-from mmdistill.errors import CompatibilityError
+from mmdistill.config import ModelConfig, load_config
+from mmdistill.errors import CompatibilityError, ConfigError
+from mmdistill.interfaces import ObjectiveBatch
 from mmdistill.modalities.text.adapter import CausalLMAdapter, build_tiny_lm
+from mmdistill.modalities.text.config import TinyLMConfig
 from mmdistill.modalities.text.tasks.arith import ArithTask
 from mmdistill.modalities.text.tokenizer import build_char_tokenizer, build_word_tokenizer
 from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher, char_alignment, special_token_map, token_strings
-from mmdistill.objectives.registered import ObjectiveBatch
-from mmdistill.objectives.xtoken import XTokenKL, move_span_mass, project_logp, projection_from_strings, shrink_topk
+from mmdistill.modalities.text.xtoken_projection import move_span_mass, project_logp, projection_from_strings
+from mmdistill.registry import OBJECTIVES
 from mmdistill.stepdist import TopKCategorical
 
 TASK = ArithTask(difficulty=2, max_value=9)
@@ -33,7 +38,9 @@ def char_tok():
 
 def projection(teacher, student):
     fallback = student.unk_token_id
-    return projection_from_strings(token_strings(teacher), token_strings(student), special_token_map(teacher, student), fallback).to_dense()
+    return projection_from_strings(
+        token_strings(teacher), token_strings(student), special_token_map(teacher, student), fallback
+    ).to_dense()
 
 
 def test_char_tokenizer_is_one_token_per_character(char_tok, tmp_path):
@@ -103,13 +110,6 @@ def test_move_span_mass_keeps_the_total_and_the_sign():
     torch.testing.assert_close(out.sum(-1), torch.ones(2))
 
 
-def test_shrink_topk_folds_the_rest_into_the_tail():
-    logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    idx, val, tail = shrink_topk(torch.tensor([[3, 1, 0, 2]]), logp, torch.tensor([-math.inf]), 2)
-    assert idx.tolist() == [[3, 1]]
-    torch.testing.assert_close(tail.exp(), torch.tensor([0.2]))
-
-
 def test_char_alignment_hand_built():
     # teacher tokens "Q:" " A" ":" " 12" "+" over "Q: A: 12+" (left-padded by one), student starts:
     # 5 (the space before "12": inside no token, ends after ":" -> exact), 6 ("1": inside " 12" ->
@@ -128,7 +128,7 @@ def test_char_alignment_of_a_word_teacher_over_a_char_student(char_tok, word_tok
     model.save_pretrained(tmp_path)
     word_tok.save_pretrained(tmp_path)
     adapter = CausalLMAdapter(char_tok)
-    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), cross_tokenizer=True), "teacher")
+    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), kind="cross_tokenizer"), "teacher")
     rollout = adapter.dataset_rollout(["Ann has"], ["apples ."])
     texts, starts, ends = teacher.texts_and_bounds(adapter, rollout)
     prompt = adapter.format_prompt("Ann has")
@@ -163,15 +163,18 @@ def test_identical_tokenizers_equal_the_plain_divergence(word_tok, tmp_path):
     for beta in (0.0, 0.5, 1.0):
         torch.testing.assert_close(s.divergence(projected, beta), s.divergence(plain, beta), atol=1e-5, rtol=1e-5)
     b = ObjectiveBatch(rollout, s, projected, normalizer=float(rollout.mask_B_T.sum()))
-    loss, metrics = XTokenKL(beta=1.0)(b)
+    loss, metrics = OBJECTIVES.get("reverse_kl")()(b)  # the ordinary objective scores the projected teacher
     assert abs(metrics["divergence"] - float(s.divergence(plain, 1.0).detach().sum() / rollout.mask_B_T.sum())) < 1e-5
-    assert metrics["xtoken_exact"] == 1.0
 
 
 def test_end_to_end_char_teacher_word_student(char_tok, word_tok, tmp_path):
     save_char_teacher(tmp_path, char_tok)
     adapter = CausalLMAdapter(word_tok, chunk_size=16)
-    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), cross_tokenizer=True), "teacher").eval().requires_grad_(False)
+    teacher = (
+        adapter.load_model(ModelConfig(path=str(tmp_path), kind="cross_tokenizer"), "teacher")
+        .eval()
+        .requires_grad_(False)
+    )
     assert isinstance(teacher, CrossTokenizerTeacher)
     torch.manual_seed(0)
     student = adapter.load_model(ModelConfig(tiny=TinyLMConfig(**TINY, seed=2)))
@@ -180,13 +183,18 @@ def test_end_to_end_char_teacher_word_student(char_tok, word_tok, tmp_path):
     with torch.no_grad():
         t = adapter.step_dist(teacher, rollout)
     assert isinstance(t, TopKCategorical) and t.topk_idx_N_K.shape == (int(rollout.mask_B_T.sum()), len(word_tok))
-    torch.testing.assert_close(torch.logaddexp(t.topk_logp_N_K.logsumexp(-1), t.tail_logp_N).exp(), torch.ones(t.tail_logp_N.shape))
-    objective = XTokenKL(beta=1.0, topk=16)
+    torch.testing.assert_close(
+        torch.logaddexp(t.topk_logp_N_K.logsumexp(-1), t.tail_logp_N).exp(), torch.ones(t.tail_logp_N.shape)
+    )
+    assert bool(t.exact_B_T[rollout.mask_B_T.bool()].all())  # a char teacher has every boundary
+    objective = OBJECTIVES.get("jsd")(beta=1.0, topk=16)  # the projected top-k shrunk to 16 plus the tail
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(6):
-        loss, metrics = objective(ObjectiveBatch(rollout, adapter.step_dist(student, rollout), t, normalizer=float(rollout.mask_B_T.sum())))
-        assert torch.isfinite(loss) and metrics["xtoken_exact"] == 1.0  # a char teacher has every boundary
+        loss, metrics = objective(
+            ObjectiveBatch(rollout, adapter.step_dist(student, rollout), t, normalizer=float(rollout.mask_B_T.sum()))
+        )
+        assert torch.isfinite(loss)
         loss.backward()
         grads = [p.grad for p in student.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
@@ -200,14 +208,18 @@ def test_multi_character_student_token_gets_the_teachers_span_probability(char_t
     """A word-level "####" under a character teacher: W gives it nothing, the realised span its exact probability."""
     model = save_char_teacher(tmp_path, char_tok, seed=7).eval()
     adapter = CausalLMAdapter(word_tok, chunk_size=8)
-    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), cross_tokenizer=True), "teacher")
-    teacher.smoothing = 0.0
+    teacher = adapter.load_model(
+        ModelConfig(path=str(tmp_path), kind="cross_tokenizer", options={"smoothing": 0.0}), "teacher"
+    )
+    assert teacher.smoothing == 0.0 and teacher.topk == 256
     question, completion = "Ann has 3 apples .", "3 . #### 3"
     rollout = adapter.dataset_rollout([question], [completion])
     assert "####" in word_tok.convert_ids_to_tokens(rollout.actions[0].tolist())
     t = adapter.step_dist(teacher, rollout)
     n = int(rollout.mask_B_T.sum())
-    assert t.span_B_T[0].tolist() == [False, False, False, False, True, False, False, False][:n] + [False] * (rollout.actions.shape[1] - n)
+    assert t.span_B_T[0].tolist() == [False, False, False, False, True, False, False, False][:n] + [False] * (
+        rollout.actions.shape[1] - n
+    )
     hashes = word_tok.convert_tokens_to_ids("####")
     text = adapter.format_prompt(question) + completion
     ids = torch.tensor([char_tok(text, add_special_tokens=False)["input_ids"]])
@@ -227,24 +239,50 @@ def test_cross_tokenizer_teacher_errors(char_tok, word_tok, tmp_path):
     model.save_pretrained(tmp_path)  # weights only, no tokenizer
     adapter = CausalLMAdapter(word_tok)
     with pytest.raises(CompatibilityError, match="has no tokenizer"):
-        adapter.load_model(ModelConfig(path=str(tmp_path), cross_tokenizer=True), "teacher")
+        adapter.load_model(ModelConfig(path=str(tmp_path), kind="cross_tokenizer"), "teacher")
     char_tok.save_pretrained(tmp_path)
-    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), cross_tokenizer=True), "teacher")
+    teacher = adapter.load_model(ModelConfig(path=str(tmp_path), kind="cross_tokenizer"), "teacher")
     with pytest.raises(CompatibilityError, match="cannot generate"):
         adapter.sample(teacher, ["Ann has 3 apples ."], 4)
+    with pytest.raises(ConfigError, match=r"models\.teacher\.options\.smoothing: 1\.5 must lie in \[0, 1\)"):
+        adapter.load_model(
+            ModelConfig(path=str(tmp_path), kind="cross_tokenizer", options={"smoothing": 1.5}), "teacher"
+        )
+    with pytest.raises(ConfigError, match=r"unknown config key 'models\.teacher\.options\.top_k'; did you mean 'topk'"):
+        adapter.load_model(ModelConfig(path=str(tmp_path), kind="cross_tokenizer", options={"top_k": 8}), "teacher")
 
 
 def test_xtoken_configs_load_and_validate(char_tok, tmp_path):
     save_char_teacher(tmp_path / "teacher", char_tok)
-    cfg = load_config("configs/text/xtoken_opd.yaml", [f"models.teacher.path={tmp_path / 'teacher'}", f"run_dir={tmp_path / 'run'}"])
-    assert cfg.models["teacher"].cross_tokenizer and cfg.tokenizer.level == "word"
-    assert any(st.objective.get("type") == "xtoken_kl" for st in cfg.stages)
+    cfg = load_config(
+        "configs/text/xtoken_opd.yaml", [f"models.teacher.path={tmp_path / 'teacher'}", f"run_dir={tmp_path / 'run'}"]
+    )
+    assert cfg.models["teacher"].kind == "cross_tokenizer" and cfg.tokenizer.level == "word"
+    assert any(st.teacher == "teacher" and st.objective.get("type") == "reverse_kl" for st in cfg.stages)
     teacher_cfg = load_config("configs/text/xtoken_teacher.yaml")
     assert teacher_cfg.tokenizer.level == "char"
 
 
+def test_old_cross_tokenizer_keys_name_the_new_ones(char_tok, tmp_path):
+    """`cross_tokenizer: true` and `objective: {type: xtoken_kl}` fail with one line naming the new form."""
+    save_char_teacher(tmp_path / "teacher", char_tok)
+    base = [
+        "configs/text/xtoken_opd.yaml",
+        f"models.teacher.path={tmp_path / 'teacher'}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(ConfigError, match="kind: cross_tokenizer") as e:
+        load_config(base[0], base[1:] + ["models.teacher.cross_tokenizer=true"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="xtoken_kl.*kind: cross_tokenizer") as e:
+        load_config(base[0], base[1:] + ["stages.student_xtoken.objective.type=xtoken_kl"])
+    assert "\n" not in str(e.value)
+
+
 def test_run_tokenizer_is_not_the_cross_tokenizer_teachers(char_tok, tmp_path):
     save_char_teacher(tmp_path / "teacher", char_tok)
-    cfg = load_config("configs/text/xtoken_opd.yaml", [f"models.teacher.path={tmp_path / 'teacher'}", f"run_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "configs/text/xtoken_opd.yaml", [f"models.teacher.path={tmp_path / 'teacher'}", f"run_dir={tmp_path / 'run'}"]
+    )
     tok = CausalLMAdapter.build_tokenizer(cfg.tokenizer, TASK, cfg.models)
     assert "####" in tok.get_vocab()  # the student's word tokenizer, not the teacher's characters

@@ -11,21 +11,22 @@ noise, so pixel space is the one to train a task like `shapes` on from scratch).
 
     python -c "from mmdistill.modalities.flow.pipelines import build_tiny_sd3_pipeline as b; print(b(['a', 'red', 'circle']).transformer.config)"
 """
+
 from __future__ import annotations
 
 import json
 import string
-
-import numpy as np
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mmdistill.modalities.flow.sde import LogprobReduce, VelocityFn, sample_sde
-from mmdistill.rollout import Rollout
+from mmdistill.interfaces import Rollout
+from mmdistill.sde import LogprobReduce, VelocityFn, sample_sde
 
 __all__ = [
     "build_clip_tokenizer",
@@ -115,9 +116,16 @@ def build_tiny_sd3_pipeline(
     max_length = tokenizer.model_max_length
     text_seed = seed if text_seed is None else text_seed
     text_cfg = CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer),
-        hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size, projection_dim=text_hidden_size,
-        num_attention_heads=text_heads, num_hidden_layers=text_layers, max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size,
+        intermediate_size=2 * text_hidden_size,
+        projection_dim=text_hidden_size,
+        num_attention_heads=text_heads,
+        num_hidden_layers=text_layers,
+        max_position_embeddings=max_length,
         hidden_act="gelu",
     )
     torch.manual_seed(text_seed)
@@ -127,8 +135,13 @@ def build_tiny_sd3_pipeline(
     torch.manual_seed(seed + 2)
     channels = latent_channels if vae else 3
     transformer = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=patch_size, in_channels=channels, out_channels=channels,
-        num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        sample_size=latent_size,
+        patch_size=patch_size,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
         joint_attention_dim=2 * text_hidden_size,  # the two CLIP hidden states, concatenated
         caption_projection_dim=num_attention_heads * attention_head_dim,
         pooled_projection_dim=2 * text_hidden_size,  # the two pooled projections, concatenated
@@ -139,9 +152,15 @@ def build_tiny_sd3_pipeline(
         torch.manual_seed(text_seed + 3)
         autoencoder = _tiny_vae(image_size, latent_channels, vae_channels, vae_blocks)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=autoencoder,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=autoencoder,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -150,10 +169,19 @@ def _tiny_vae(image_size: int, latent_channels: int, channels: int, blocks: int)
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        sample_size=image_size, in_channels=3, out_channels=3, latent_channels=latent_channels,
-        block_out_channels=(channels,) * blocks, layers_per_block=1, norm_num_groups=1,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(channels,) * blocks,
+        layers_per_block=1,
+        norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
     )
 
 
@@ -185,40 +213,78 @@ def build_tiny_flux_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if attention_head_dim % 4:
-        raise ValueError(f"attention_head_dim {attention_head_dim} must be divisible by 4 (Flux's 3-axis rotary embedding)")
+        raise ValueError(
+            f"attention_head_dim {attention_head_dim} must be divisible by 4 (Flux's 3-axis rotary embedding)"
+        )
     down = 2 ** (vae_blocks - 1)
     if image_size % (down * 2):
-        raise ValueError(f"image_size {image_size} must be divisible by the VAE downsampling ({down}) times 2 (Flux packs 2x2 patches)")
+        raise ValueError(
+            f"image_size {image_size} must be divisible by the VAE downsampling ({down}) times 2 (Flux packs 2x2 patches)"
+        )
     tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer(words, max_length)
     max_length = tokenizer.model_max_length
     text_seed = seed if text_seed is None else text_seed
     torch.manual_seed(text_seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer), hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size, projection_dim=text_hidden_size, num_attention_heads=text_heads,
-        num_hidden_layers=text_layers, max_position_embeddings=max_length, hidden_act="gelu",
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden_size,
+            intermediate_size=2 * text_hidden_size,
+            projection_dim=text_hidden_size,
+            num_attention_heads=text_heads,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=max_length,
+            hidden_act="gelu",
+        )
+    )
     torch.manual_seed(text_seed + 1)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=text_hidden_size, d_kv=text_hidden_size // text_heads, d_ff=2 * text_hidden_size,
-        num_layers=text_layers, num_heads=text_heads, pad_token_id=1, eos_token_id=1, decoder_start_token_id=0,
-    ))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_hidden_size,
+            d_kv=text_hidden_size // text_heads,
+            d_ff=2 * text_hidden_size,
+            num_layers=text_layers,
+            num_heads=text_heads,
+            pad_token_id=1,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     torch.manual_seed(text_seed + 3)
     vae = _tiny_vae(image_size, latent_channels, vae_channels, vae_blocks)
     torch.manual_seed(seed + 2)
     rope = attention_head_dim // 4
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=text_hidden_size,
-        pooled_projection_dim=text_hidden_size, guidance_embeds=guidance_embeds,
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=text_hidden_size,
+        pooled_projection_dim=text_hidden_size,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(attention_head_dim - 2 * rope, rope, rope),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15,
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=1.15,
     )
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        transformer=transformer,
     )
 
 
@@ -238,7 +304,9 @@ def is_flux(obj: Any) -> bool:
 def pack_latents(x_B_C_H_W: Tensor) -> Tensor:
     """`[B, C, H, W]` -> Flux's `[B, (H/2)(W/2), 4C]` (2x2 patches, as FluxPipeline._pack_latents)."""
     B, C, H, W = x_B_C_H_W.shape
-    return x_B_C_H_W.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), 4 * C)
+    return (
+        x_B_C_H_W.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), 4 * C)
+    )
 
 
 def unpack_latents(x_B_L_F: Tensor, H: int, W: int) -> Tensor:
@@ -252,7 +320,9 @@ def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def load_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+def load_pipeline(
+    path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Any:
     """`DiffusionPipeline.from_pretrained(path)`, passing None for components saved as null (no T5, no VAE)."""
     from diffusers import DiffusionPipeline
 
@@ -277,7 +347,11 @@ def pipeline_sigmas(pipe: Any, num_steps: int, image_size: int) -> Tensor:
     if not is_flux(pipe):
         mu = None
         if cfg.get("use_dynamic_shifting", False):
-            seq = (image_size // (pipe.vae_scale_factor if pipe.vae is not None else 1) // pipe.transformer.config.patch_size) ** 2
+            seq = (
+                image_size
+                // (pipe.vae_scale_factor if pipe.vae is not None else 1)
+                // pipe.transformer.config.patch_size
+            ) ** 2
             mu = _calculate_shift(seq, cfg)
         return scheduler_sigmas(pipe.scheduler, num_steps, mu)
     C, H, W = latent_shape(pipe, image_size)
@@ -309,21 +383,44 @@ def scheduler_sigmas(scheduler: Any, num_steps: int, mu: float | None = None, si
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str], negative_prompt: str = "", max_sequence_length: int = 256) -> dict[str, Tensor]:
+def encode_prompts(
+    pipe: Any, prompts: Sequence[str], negative_prompt: str = "", max_sequence_length: int = 256
+) -> dict[str, Tensor]:
     """The SD3 condition of each prompt and of the negative prompt (for CFG), batch-major:
     `prompt_embeds [B, L, E]`, `pooled_prompt_embeds [B, P]` and their `negative_` twins.
     `max_sequence_length` zero T5 tokens are appended (no T5 encoder), as diffusers does."""
     prompts = list(prompts)
     if is_flux(pipe):
-        pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length)
-        npe, nppe, _ = pipe.encode_prompt(prompt=[negative_prompt] * len(prompts), prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length)
-        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
+        pe, ppe, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length
+        )
+        npe, nppe, _ = pipe.encode_prompt(
+            prompt=[negative_prompt] * len(prompts),
+            prompt_2=None,
+            device=pipe.transformer.device,
+            max_sequence_length=max_sequence_length,
+        )
+        return {
+            "prompt_embeds": pe,
+            "pooled_prompt_embeds": ppe,
+            "negative_prompt_embeds": npe,
+            "negative_pooled_prompt_embeds": nppe,
+        }
     pe, npe, ppe, nppe = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, prompt_3=None,
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
         negative_prompt=[negative_prompt] * len(prompts),
-        do_classifier_free_guidance=True, device=pipe.transformer.device, max_sequence_length=max_sequence_length,
+        do_classifier_free_guidance=True,
+        device=pipe.transformer.device,
+        max_sequence_length=max_sequence_length,
     )
-    return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
+    return {
+        "prompt_embeds": pe,
+        "pooled_prompt_embeds": ppe,
+        "negative_prompt_embeds": npe,
+        "negative_pooled_prompt_embeds": nppe,
+    }
 
 
 def velocity(
@@ -356,13 +453,18 @@ def velocity(
         v = v_uncond + guidance_scale * (v_cond - v_uncond)
     else:
         v = transformer(
-            hidden_states=x, timestep=timestep_B, encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False,
+            hidden_states=x,
+            timestep=timestep_B,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            return_dict=False,
         )[0]
     return v.to(out_dtype)
 
 
-def _flux_velocity(transformer: Any, x_B_C_H_W: Tensor, t_B: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
+def _flux_velocity(
+    transformer: Any, x_B_C_H_W: Tensor, t_B: Tensor, cond: dict[str, Tensor], guidance_scale: float
+) -> Tensor:
     """Flux: pack 2x2 patches, rotary ids for text (zeros) and image (row, column), the guidance scale
     as an input for guidance-distilled models, true CFG for the others -- as FluxPipeline does."""
     B, C, H, W = x_B_C_H_W.shape
@@ -373,13 +475,21 @@ def _flux_velocity(transformer: Any, x_B_C_H_W: Tensor, t_B: Tensor, cond: dict[
     img_ids = img_ids.reshape(-1, 3).to(device, dtype)
     txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
     base = _base(transformer)
-    guidance = torch.full((B,), guidance_scale, device=device, dtype=torch.float32) if base.config.guidance_embeds else None
+    guidance = (
+        torch.full((B,), guidance_scale, device=device, dtype=torch.float32) if base.config.guidance_embeds else None
+    )
     packed = pack_latents(x_B_C_H_W)
 
     def run(pe: Tensor, ppe: Tensor) -> Tensor:
         return transformer(
-            hidden_states=packed, timestep=t_B.to(dtype), guidance=guidance, pooled_projections=ppe,
-            encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            hidden_states=packed,
+            timestep=t_B.to(dtype),
+            guidance=guidance,
+            pooled_projections=ppe,
+            encoder_hidden_states=pe,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
         )[0]
 
     v = run(cond["prompt_embeds"], cond["pooled_prompt_embeds"])
@@ -443,9 +553,19 @@ def sample_pipeline(
     device = pipe.transformer.device
     cond = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length)
     noise = torch.randn((len(prompts), *latent_shape(pipe, image_size)), generator=generator, device=device)
-    sigmas = (scheduler_sigmas(pipe.scheduler, num_steps, mu) if mu is not None else pipeline_sigmas(pipe, num_steps, image_size)).to(device)
+    sigmas = (
+        scheduler_sigmas(pipe.scheduler, num_steps, mu)
+        if mu is not None
+        else pipeline_sigmas(pipe, num_steps, image_size)
+    ).to(device)
     return sample_sde(
-        velocity_fn(pipe.transformer, pipe.scheduler.config.num_train_timesteps), noise, sigmas, cond,
-        guidance_scale=guidance_scale, noise_level=noise_level, logprob_reduce=logprob_reduce,
-        generator=generator, context=list(prompts),
+        velocity_fn(pipe.transformer, pipe.scheduler.config.num_train_timesteps),
+        noise,
+        sigmas,
+        cond,
+        guidance_scale=guidance_scale,
+        noise_level=noise_level,
+        logprob_reduce=logprob_reduce,
+        generator=generator,
+        context=list(prompts),
     )

@@ -9,10 +9,12 @@ a local file (no download), as Flow-GRPO's and DanceGRPO's CLIP-score rewards do
     reward = ClipScore("ViT-B-32", weights="/models/open_clip_vit_b32.bin")
     scores_B = reward(images_B_3_H_W, ["a red circle", ...])
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -47,13 +49,21 @@ class ClipScore:
         import open_clip
 
         if arch not in open_clip.list_models():
-            raise ConfigError(f"unknown open_clip architecture '{arch}'; choose one of open_clip.list_models(), e.g. ViT-B-32")
+            raise ConfigError(
+                f"unknown open_clip architecture '{arch}'; choose one of open_clip.list_models(), e.g. ViT-B-32"
+            )
         if weights is not None and not Path(weights).is_file():
-            raise CheckpointError(f"CLIP weights '{weights}' not found; give a local open_clip checkpoint file (downloads are not attempted)")
+            raise CheckpointError(
+                f"CLIP weights '{weights}' not found; give a local open_clip checkpoint file (downloads are not attempted)"
+            )
         try:
-            self.model = open_clip.create_model(arch, pretrained=weights, device=device, force_image_size=force_image_size)
+            self.model = open_clip.create_model(
+                arch, pretrained=weights, device=device, force_image_size=force_image_size
+            )
         except RuntimeError as e:
-            raise CheckpointError(f"cannot load CLIP weights '{weights}' into {arch} ({str(e).splitlines()[0]}); check the architecture") from None
+            raise CheckpointError(
+                f"cannot load CLIP weights '{weights}' into {arch} ({str(e).splitlines()[0]}); check the architecture"
+            ) from None
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
         cfg = self.model.visual.preprocess_cfg

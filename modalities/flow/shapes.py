@@ -18,12 +18,14 @@ Rewards read pixels only (batched, no model; `count` is reported, not trained on
 
     python -c "from mmdistill.modalities.flow.shapes import *; p = split_prompts('train')[0]; print(p.text, color_reward(render(p)[None], [p]))"
 """
+
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -57,7 +59,12 @@ RELATIONS = ("on the left of", "on the right of", "above", "below")
 VOCABULARY = sorted({"a", *COLORS, *SHAPES, *" ".join(RELATIONS).split()})
 _PALETTE_K_3 = np.array(list(COLORS.values()), dtype=np.float32)
 _COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
-_CONVERSE = {"on the left of": "on the right of", "on the right of": "on the left of", "above": "below", "below": "above"}
+_CONVERSE = {
+    "on the left of": "on the right of",
+    "on the right of": "on the left of",
+    "above": "below",
+    "below": "above",
+}
 
 Split = Literal["train", "test"]
 
@@ -72,19 +79,24 @@ class ShapesPrompt:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
-            ("color1", self.color1, COLORS), ("color2", self.color2, COLORS),
-            ("shape1", self.shape1, SHAPES), ("shape2", self.shape2, SHAPES), ("relation", self.relation, RELATIONS),
+            ("color1", self.color1, COLORS),
+            ("color2", self.color2, COLORS),
+            ("shape1", self.shape1, SHAPES),
+            ("shape2", self.shape2, SHAPES),
+            ("relation", self.relation, RELATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
         if self.color1 == self.color2:
-            raise ValueError(f"the two objects need different colours (rewards tell them apart by colour); got {self.color1!r} twice")
+            raise ValueError(
+                f"the two objects need different colours (rewards tell them apart by colour); got {self.color1!r} twice"
+            )
 
     @property
     def text(self) -> str:
         return f"a {self.color1} {self.shape1} {self.relation} a {self.color2} {self.shape2}"
 
-    def canonical(self) -> "ShapesPrompt":
+    def canonical(self) -> ShapesPrompt:
         """The same scene written with relation 'on the left of' or 'above'."""
         if self.relation in ("on the left of", "above"):
             return self
@@ -94,7 +106,12 @@ class ShapesPrompt:
 def all_prompts() -> list[ShapesPrompt]:
     return [
         ShapesPrompt(c1, s1, r, c2, s2)
-        for c1 in COLORS for s1 in SHAPES for r in RELATIONS for c2 in COLORS for s2 in SHAPES if c1 != c2
+        for c1 in COLORS
+        for s1 in SHAPES
+        for r in RELATIONS
+        for c2 in COLORS
+        for s2 in SHAPES
+        if c1 != c2
     ]
 
 
@@ -121,7 +138,9 @@ def split_prompts(split: Split, test_fraction: float = 0.25) -> list[ShapesPromp
     return [p for p in all_prompts() if split_of(p, test_fraction) == split]
 
 
-def sample_prompts(rng: random.Random, n: int, split: Split = "train", test_fraction: float = 0.25) -> list[ShapesPrompt]:
+def sample_prompts(
+    rng: random.Random, n: int, split: Split = "train", test_fraction: float = 0.25
+) -> list[ShapesPrompt]:
     """`n` prompts drawn with replacement from one split."""
     pool = split_prompts(split, test_fraction)
     return [rng.choice(pool) for _ in range(n)]
@@ -206,7 +225,11 @@ def color_reward(
 
 
 def position_reward(
-    images_B_3_H_W, prompts: Sequence[ShapesPrompt | str], min_area: float = 0.02, tolerance: float = 0.4, margin: float = 0.25
+    images_B_3_H_W,
+    prompts: Sequence[ShapesPrompt | str],
+    min_area: float = 0.02,
+    tolerance: float = 0.4,
+    margin: float = 0.25,
 ) -> np.ndarray:
     """`[B]` in [0, 1]: clip(d / margin, 0, 1), d the displacement of colour 2's centroid from
     colour 1's along the relation (x for left/right, y for above/below; +: as the prompt says),

@@ -8,15 +8,20 @@ or each prompt's own tag ("tag").
 
     task: {type: shapes, reward: color}
 """
+
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from mmdistill.modalities.flow import shapes as S
+from mmdistill.modalities.flow.rewards import ClipScore
 from mmdistill.registry import TASKS
 
 REWARDS = ("color", "position")  # trainable by tag; "count" is also reported at evaluation
@@ -60,8 +65,10 @@ class ShapesTask:
         return list(S.VOCABULARY)
 
     def summary(self) -> str:
-        return (f"shapes: {len(self._train)} train / {len(self._test)} held-out prompts, tags {self.tags}, "
-                f"training reward '{self.reward}'")
+        return (
+            f"shapes: {len(self._train)} train / {len(self._test)} held-out prompts, tags {self.tags}, "
+            f"training reward '{self.reward}'"
+        )
 
     def sample_train(self, rng: random.Random) -> ShapesProblem:
         return ShapesProblem(rng.choice(self._train), rng.choice(self.tags))
@@ -78,7 +85,11 @@ class ShapesTask:
 
     def rewards(self, problems: list[ShapesProblem], images) -> dict[str, np.ndarray]:
         scenes = [p.scene for p in problems]
-        return {"color": S.color_reward(images, scenes), "position": S.position_reward(images, scenes), "count": S.count_reward(images, scenes)}
+        return {
+            "color": S.color_reward(images, scenes),
+            "position": S.position_reward(images, scenes),
+            "count": S.count_reward(images, scenes),
+        }
 
     def train_reward(self, problems: list[ShapesProblem], rewards: dict[str, np.ndarray]) -> np.ndarray:
         if self.reward == "avg":
@@ -112,10 +123,6 @@ class PromptsTask:
         test_fraction: float = 0.1,
         default_tag: str = "clip",
     ):
-        import hashlib
-        import json
-        from pathlib import Path
-
         def read(p: str) -> list[PromptProblem]:
             out = []
             for i, line in enumerate(Path(p).read_text().splitlines(), 1):
@@ -127,7 +134,9 @@ class PromptsTask:
                         row = json.loads(line)
                         out.append(PromptProblem(str(row["prompt"]), str(row.get("tag", default_tag))))
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{p}:{i}: expected a JSON object with a 'prompt' key; fix or remove the line") from None
+                        raise ValueError(
+                            f"{p}:{i}: expected a JSON object with a 'prompt' key; fix or remove the line"
+                        ) from None
                 else:
                     out.append(PromptProblem(line, default_tag))
             if not out:
@@ -138,6 +147,7 @@ class PromptsTask:
         if test_path is not None:
             self._train, self._test = rows, read(test_path)
         else:
+
             def held_out(p: PromptProblem) -> bool:
                 return int.from_bytes(hashlib.sha256(p.prompt.encode()).digest()[:8], "big") / 2**64 < test_fraction
 
@@ -146,10 +156,14 @@ class PromptsTask:
         self.reward_specs = rewards if rewards is not None else {"clip": {}}
         for name, spec in self.reward_specs.items():
             if spec.get("type", "clip") != "clip":
-                raise ValueError(f"task.rewards.{name}.type: only 'clip' (open_clip CLIP score) is built in; got {spec.get('type')!r}")
+                raise ValueError(
+                    f"task.rewards.{name}.type: only 'clip' (open_clip CLIP score) is built in; got {spec.get('type')!r}"
+                )
         tags = {p.tag for p in self._train}
         if reward == "tag" and not tags <= set(self.reward_specs):
-            raise ValueError(f"task.reward 'tag': prompts are tagged {sorted(tags)} but the rewards are {sorted(self.reward_specs)}; name one reward per tag")
+            raise ValueError(
+                f"task.reward 'tag': prompts are tagged {sorted(tags)} but the rewards are {sorted(self.reward_specs)}; name one reward per tag"
+            )
         if reward not in ("tag", "avg", *self.reward_specs):
             raise ValueError(f"task.reward must be 'tag', 'avg' or one of {sorted(self.reward_specs)}; got {reward!r}")
         self.reward = reward
@@ -171,11 +185,11 @@ class PromptsTask:
         return [pool[i % len(pool)] for i in range(n)]
 
     def render(self, problems, seed: int = 0, size: int = 16):
-        raise ValueError("t2i_prompts has no images to train on; use flow_matching with source: teacher, or start from a trained pipeline")
+        raise ValueError(
+            "t2i_prompts has no images to train on; use flow_matching with source: teacher, or start from a trained pipeline"
+        )
 
     def rewards(self, problems: list[PromptProblem], images) -> dict[str, np.ndarray]:
-        from mmdistill.modalities.flow.rewards import ClipScore
-
         out = {}
         for name, spec in self.reward_specs.items():
             if name not in self._models:

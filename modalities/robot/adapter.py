@@ -19,51 +19,53 @@ state and reports the success rate (per task too), the entropy per decision and 
 
     mmdistill train configs/vla/libero_object_opd.yaml
 """
+
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mmdistill.config import ModelConfig, TokenizerConfig
 from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
+from mmdistill.interfaces import AdapterSpec, Rollout, RolloutRequest
+from mmdistill.modalities.robot.config import RobotEvalConfig, RobotRolloutConfig, TinyPolicyConfig
+from mmdistill.modalities.robot.lerobot import (
+    WRAPPERS,
+    ACTGaussianPolicy,
+    LeRobotWrapper,
+    load_lerobot_policy,
+    save_lerobot_policy,
+    tiny_act,
+)
 from mmdistill.modalities.robot.policies import (
     GaussianMLPPolicy,
     ScriptedPickPlaceExpert,
     ScriptedReachExpert,
     VisionGaussianPolicy,
 )
+from mmdistill.modalities.robot.record import record_lerobot_dataset
+from mmdistill.modalities.robot.tokenized import BinnedGaussian, TokenizedActionPolicy, tiny_tokenized_policy
+from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 from mmdistill.registry import ADAPTERS
-from mmdistill.rollout import Rollout
 from mmdistill.stepdist import Gaussian, HiddenCategorical, VelocityStepDist
 
-POLICIES = {"gaussian_mlp": GaussianMLPPolicy, "scripted_reach": ScriptedReachExpert,
-            "vision_gaussian": VisionGaussianPolicy, "scripted_pick_place": ScriptedPickPlaceExpert}
+__all__ = ["RobotPolicyAdapter", "TinyPolicyConfig", "RobotRolloutConfig", "RobotEvalConfig", "cat_step_dists"]
 
-
-@dataclass
-class TinyPolicyConfig:
-    """A policy built from this section: a Gaussian MLP or small vision student, or a scripted
-    expert (`scripted_reach` for the point mass, `scripted_pick_place` for LIBERO)."""
-
-    kind: Literal["gaussian_mlp", "vision_gaussian", "scripted_reach", "scripted_pick_place", "lerobot_act", "tokenized_lm"] = "gaussian_mlp"
-    hidden: int = 64
-    layers: int = 2
-    channels: int = 32  # vision_gaussian; lerobot_act: its transformer width (dim_model)
-    init_log_std: float = -0.5
-    chunk_size: int = 1  # actions per decision (rendering happens only at decisions)
-    gain: float = 10.0  # scripted experts
-    std: float = 0.1  # scripted experts
-    grasp_dz: float = 0.02  # scripted_pick_place: grasp height above the object's origin (m)
-    bins: int = 32  # tokenized_lm: action / state bins
-    seed: int = 0
+POLICIES = {
+    "gaussian_mlp": GaussianMLPPolicy,
+    "scripted_reach": ScriptedReachExpert,
+    "vision_gaussian": VisionGaussianPolicy,
+    "scripted_pick_place": ScriptedPickPlaceExpert,
+}
+KINDS = (*POLICIES, TokenizedActionPolicy.kind)  # `kind` values of config.json in directories this adapter saves
 
 
 def _policy_stats(task: Any) -> dict[str, dict[str, Any]]:
@@ -71,8 +73,10 @@ def _policy_stats(task: Any) -> dict[str, dict[str, Any]]:
     else actions in [-1, 1] and unit-scale states."""
     if hasattr(task, "policy_stats"):
         return task.policy_stats()
-    return {"observation.state": {"mean": np.zeros(task.obs_dim), "std": np.ones(task.obs_dim)},
-            "action": {"min": -np.ones(task.action_dim), "max": np.ones(task.action_dim)}}
+    return {
+        "observation.state": {"mean": np.zeros(task.obs_dim), "std": np.ones(task.obs_dim)},
+        "action": {"min": -np.ones(task.action_dim), "max": np.ones(task.action_dim)},
+    }
 
 
 def _stack_obs(obs: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, Tensor]:
@@ -84,15 +88,34 @@ def cat_step_dists(dists: list[Any]) -> Any:
     `[B, T * S, ...]` distribution of the same kind."""
     first = dists[0]
     if isinstance(first, HiddenCategorical):
-        return HiddenCategorical(torch.cat([d.hidden_B_T_H for d in dists], 1), first.head_weight_V_H, torch.cat([d.mask_B_T for d in dists], 1),
-                                 vocab_size=first.vocab_size, temperature=first.temperature, chunk_size=first.chunk_size,
-                                 head_bias_V=first.head_bias_V)
+        return HiddenCategorical(
+            torch.cat([d.hidden_B_T_H for d in dists], 1),
+            first.head_weight_V_H,
+            torch.cat([d.mask_B_T for d in dists], 1),
+            vocab_size=first.vocab_size,
+            temperature=first.temperature,
+            chunk_size=first.chunk_size,
+            head_bias_V=first.head_bias_V,
+        )
     g = [d.gaussian for d in dists]
-    gaussian = None if g[0] is None else Gaussian(torch.cat([x.mean_B_T_D for x in g], 1), torch.cat([x.std_B_T_D for x in g], 1),
-                                                   torch.cat([x.mask_B_T for x in g], 1))
+    gaussian = (
+        None
+        if g[0] is None
+        else Gaussian(
+            torch.cat([x.mean_B_T_D for x in g], 1),
+            torch.cat([x.std_B_T_D for x in g], 1),
+            torch.cat([x.mask_B_T for x in g], 1),
+        )
+    )
     kl_w = None if first.kl_weight_B_T is None else torch.cat([d.kl_weight_B_T for d in dists], 1)
-    return VelocityStepDist(torch.cat([d.velocity_B_T_D for d in dists], 1), gaussian, kl_w, torch.cat([d.dt_B_T for d in dists], 1),
-                            torch.cat([d.mask_B_T for d in dists], 1), first.logprob_reduce)
+    return VelocityStepDist(
+        torch.cat([d.velocity_B_T_D for d in dists], 1),
+        gaussian,
+        kl_w,
+        torch.cat([d.dt_B_T for d in dists], 1),
+        torch.cat([d.mask_B_T for d in dists], 1),
+        first.logprob_reduce,
+    )
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -108,22 +131,53 @@ def _concat(parts: list[Any]) -> Any:
     if isinstance(first, dict):
         return {k: _concat([p[k] for p in parts]) for k in first}
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+        return dataclasses.replace(
+            first, **{f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+        )
     return first  # scalars and settings shared by all parts
 
 
 def unwrap(model: Any) -> Any:
+    """The bare policy under accelerate / DDP wrappers (which keep it as `.module`)."""
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _refuse_unserved(request: RolloutRequest) -> None:
+    """A ConfigError for each request field that robot episodes cannot serve."""
+    if request.source == "dataset":
+        raise ConfigError("robot tasks have no dataset actions; warm up with objective sft and source: teacher")
+    if request.kind != "trajectory":
+        raise ConfigError(
+            f"objective: rollout kind {request.kind!r} is for flow image models; robot policies act in episodes (trajectory)"
+        )
+    for key, value, asked in (
+        ("mixture_beta", request.mixture_beta, bool(request.mixture_beta)),
+        ("privileged_template", request.privileged_template, request.privileged_template is not None),
+        ("guidance", request.guidance, request.guidance is not None),
+        ("cond_dropout", request.cond_dropout, request.cond_dropout > 0),
+    ):
+        if asked:
+            raise ConfigError(
+                f"objective: asks robot episodes for {key}={value!r}, which the robot_policy adapter cannot serve (text "
+                f"and flow rollouts can); use an objective without it (opd, reverse_kl, forward_kl, hard_ce, sft, grpo)"
+            )
 
 
 @ADAPTERS.register("robot_policy")
 class RobotPolicyAdapter:
     """Robot policies acting in simulators (LIBERO, point mass): Gaussian, flow-head and tokenised policies; teachers score the student's states."""
 
-    tiny_config = TinyPolicyConfig
-    needs_tokenizer = False
+    spec = AdapterSpec(
+        rollout_config=RobotRolloutConfig,
+        eval_config=RobotEvalConfig,
+        tiny_config=TinyPolicyConfig,
+        needs_tokenizer=False,
+        supports_routing=False,
+        can_record=True,
+        default_task="reach",
+    )
 
     def __init__(self, tokenizer: Any = None, device: torch.device | str = "cpu", chunk_size: int = 1024):
         self.device = torch.device(device)
@@ -131,38 +185,82 @@ class RobotPolicyAdapter:
         self.task: Any = None  # set by `bind`: the environment factory and action dimension
         self._pool: Any = None  # worker processes, when the task asks for them
         self._chunk: tuple[int, str] | None = None  # (chunk_size, model name) of the first policy loaded
-        self.flow_noise_level = 0.7  # SDE noise of flow action heads when sampling (rollout.noise_level)
+
+    # ------------------------------------------------------------------ checkpoints and tokenizers (class-level)
 
     @staticmethod
-    def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> None:
-        return None  # state-based policies have no tokenizer
+    def claims_checkpoint(path: str | Path) -> bool:
+        """A directory written by a robot_policy stage (config.json naming a policy `kind`) or a LeRobot
+        policy (config.json with LeRobot's `type` and no transformers `model_type`)."""
+        conf_path = Path(path) / "config.json"
+        if (Path(path) / "model_index.json").exists() or not conf_path.is_file():
+            return False
+        try:
+            conf = json.loads(conf_path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(conf, dict):
+            return False
+        if "kind" in conf:
+            return conf["kind"] in KINDS
+        return "type" in conf and "model_type" not in conf
 
     @staticmethod
     def check_checkpoint(path: str, name: str) -> None:
         """Pre-flight: a policy directory written by a robot_policy stage (config.json naming a known kind)."""
         p = Path(path)
         if not (p / "config.json").is_file():
-            raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; give a directory written by a robot_policy stage")
+            raise CheckpointError(
+                f"models.{name}.path: '{path}' has no config.json; give a directory written by a robot_policy stage"
+            )
         conf = json.loads((p / "config.json").read_text())
         if "type" in conf and "kind" not in conf:
-            if conf["type"] not in ("act", "diffusion", "smolvla"):
-                raise CheckpointError(f"models.{name}.path: LeRobot policy type {conf['type']!r} in {path} is not supported; use act, diffusion or smolvla")
+            if conf["type"] not in WRAPPERS:
+                raise CheckpointError(
+                    f"models.{name}.path: LeRobot policy type {conf['type']!r} in {path} is not supported; use act, diffusion or smolvla"
+                )
             if not (p / "model.safetensors").is_file():
-                raise CheckpointError(f"models.{name}.path: {path}/model.safetensors is missing; the LeRobot checkpoint is incomplete, save it again")
+                raise CheckpointError(
+                    f"models.{name}.path: {path}/model.safetensors is missing; the LeRobot checkpoint is incomplete, save it again"
+                )
             return
         kind = conf.get("kind")
-        if kind not in POLICIES and kind != "tokenized_lm":
-            raise CheckpointError(f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(POLICIES)}")
+        if kind not in KINDS:
+            raise CheckpointError(
+                f"models.{name}.path: unknown policy kind {kind!r} in {path}/config.json; known: {sorted(KINDS)}"
+            )
+
+    @staticmethod
+    def build_tokenizer(cfg: Any, task: Any, models: dict[str, Any]) -> None:
+        return None  # robot policies have no run tokenizer (a tokenised LM saves its own beside its weights)
+
+    @staticmethod
+    def load_tokenizer(path: str | Path) -> None:
+        return None
+
+    @staticmethod
+    def check_tokenizer_of(path: str | Path, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
+        return None
+
+    # ------------------------------------------------------------------ models
 
     def bind(self, task: Any) -> None:
         self.task = task
 
-    def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
+    def load_model(self, cfg: Any, name: str = "model") -> torch.nn.Module:
         if self.task is None:
-            raise RuntimeError("bind the adapter to a task first (the environment fixes the observation and action sizes)")
+            raise RuntimeError(
+                "bind the adapter to a task first (the environment fixes the observation and action sizes)"
+            )
         obs_dim, action_dim = self.task.obs_dim, self.task.action_dim
+        if cfg.options:
+            raise ConfigError(
+                f"models.{name}.options: robot policies take no options (got {sorted(cfg.options)}); remove models.{name}.options"
+            )
         if cfg.lora is not None:
-            raise ConfigError(f"models.{name}.lora: LoRA is not supported for state-based policies; train the full policy")
+            raise ConfigError(
+                f"models.{name}.lora: LoRA is not supported for state-based policies; train the full policy"
+            )
         if cfg.tiny is not None:
             t = cfg.tiny if isinstance(cfg.tiny, TinyPolicyConfig) else TinyPolicyConfig(**cfg.tiny)
             torch.manual_seed(t.seed)
@@ -171,16 +269,22 @@ class RobotPolicyAdapter:
             elif t.kind == "scripted_pick_place":
                 model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
             elif t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
-                from mmdistill.modalities.robot.tokenized import tiny_tokenized_policy
-
                 words = sorted({w for text in getattr(self.task, "languages", {}).values() for w in text.split()})
-                model = tiny_tokenized_policy(words, action_dim, t.chunk_size, t.bins, t.hidden, t.layers, t.seed, str(self.device))
+                model = tiny_tokenized_policy(
+                    words, action_dim, t.chunk_size, t.bins, t.hidden, t.layers, t.seed, str(self.device)
+                )
             elif t.kind == "lerobot_act":  # a random-init LeRobot ACT as a Gaussian head
-                from mmdistill.modalities.robot.lerobot_policies import ACTGaussianPolicy, tiny_act
-
                 size = int(getattr(self.task, "image_size", 0) or 0)
-                act = tiny_act(obs_dim, action_dim, t.chunk_size, _policy_stats(self.task), image_shape=(3, size, size) if size else None,
-                               dim_model=t.channels, seed=t.seed, device=str(self.device))
+                act = tiny_act(
+                    obs_dim,
+                    action_dim,
+                    t.chunk_size,
+                    _policy_stats(self.task),
+                    image_shape=(3, size, size) if size else None,
+                    dim_model=t.channels,
+                    seed=t.seed,
+                    device=str(self.device),
+                )
                 model = ACTGaussianPolicy(act, t.chunk_size, t.init_log_std)
             elif t.kind == "vision_gaussian":
                 model = VisionGaussianPolicy(obs_dim, action_dim, t.chunk_size, t.channels, t.hidden, t.init_log_std)
@@ -191,20 +295,16 @@ class RobotPolicyAdapter:
         self.check_checkpoint(str(path), name)
         conf = json.loads((path / "config.json").read_text())
         if "type" in conf and "kind" not in conf:  # a LeRobot checkpoint (ACT, Diffusion, SmolVLA)
-            from mmdistill.modalities.robot.lerobot_policies import load_lerobot_policy
-
             chunk = self._chunk[0] if self._chunk else int(conf.get("n_action_steps", 1))
             model = load_lerobot_policy(path, expect_action_dim=action_dim, expect_chunk=chunk, device=str(self.device))
             return self._check_compatible(model, name)
         kind = conf.pop("kind")
         if kind == "tokenized_lm":
-            from mmdistill.modalities.robot.tokenized import TokenizedActionPolicy
-
-            return self._check_compatible(TokenizedActionPolicy.load(path, device=str(self.device)).to(self.device), name)
+            return self._check_compatible(
+                TokenizedActionPolicy.load(path, device=str(self.device)).to(self.device), name
+            )
         model = POLICIES[kind](**conf)
         if (path / "model.safetensors").exists():
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(str(path / "model.safetensors")))
         c = getattr(model, "config", {})
         got_obs = c.get("obs_dim", c.get("state_dim", obs_dim))
@@ -227,23 +327,42 @@ class RobotPolicyAdapter:
             )
         return model
 
-    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
-        from safetensors.torch import save_file
+    def prune_layers(self, model: Any, keep_layers: list[int], lora: Any = None, name: str = "model") -> Any:
+        raise ConfigError(
+            f"models.{name}.prune: layer pruning is for transformer LMs; robot policies are built whole -- give "
+            f"models.{name} a 'tiny' section (a smaller student) or a 'path'"
+        )
 
+    def add_lora(self, model: Any, lora: Any) -> Any:
+        raise ConfigError(
+            "models.NAME.lora: LoRA is not supported for robot policies; remove the lora section and train the full policy"
+        )
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         m = unwrap(model)
         out_dir = Path(out_dir)
-        if hasattr(m, "save"):  # a policy with its own format (tokenised LM: HF model + tokenizer)
+        if isinstance(m, TokenizedActionPolicy):  # its own format: HF model + tokenizer
             m.save(out_dir)
             return
-        if hasattr(m, "lerobot"):  # LeRobot's own format, loadable by its from_pretrained
-            from mmdistill.modalities.robot.lerobot_policies import save_lerobot_policy
-
+        if isinstance(m, LeRobotWrapper):  # LeRobot's own format, loadable by its from_pretrained
             save_lerobot_policy(m, out_dir)
             return
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(m.config, indent=1))
         state = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
         if state:
             save_file(state, str(out_dir / "model.safetensors"))
+
+    def unwrap(self, model: Any) -> Any:
+        return unwrap(model)
+
+    def stage_fingerprint(self, model: Any) -> str:
+        """sha256 (first 16 hex digits) of the policy's parameter and buffer bytes, in name order."""
+        h = hashlib.sha256()
+        for key, value in sorted(unwrap(model).state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ rollouts
 
@@ -252,10 +371,18 @@ class RobotPolicyAdapter:
         return math.ceil(self.task.max_steps / int(getattr(unwrap(model), "chunk_size", 1)))
 
     @torch.no_grad()
-    def run_episodes(self, model: Any, init_states: list[Any], gen: torch.Generator | None, sample: bool = True) -> Rollout:
+    def run_episodes(
+        self,
+        model: Any,
+        init_states: list[Any],
+        gen: torch.Generator | None,
+        sample: bool = True,
+        noise_level: float = 0.7,
+    ) -> Rollout:
         """One episode per initial state, batched over episodes.  With `task.num_workers > 0` the
         environments run in worker processes (`vec.EnvPool`), in chunks of that many episodes; a
-        chunk whose worker crashed is rerun from its initial states with the same policy noise."""
+        chunk whose worker crashed is rerun from its initial states with the same policy noise.
+        `noise_level` is the SDE noise of flow action heads when sampling (`rollout.noise_level`)."""
         workers = int(getattr(self.task, "num_workers", 0) or 0)
         # the policy noise of every episode is drawn up front, so chunking and reruns change nothing
         eps_B_T_D = None
@@ -263,11 +390,13 @@ class RobotPolicyAdapter:
             D = self.task.action_dim * int(getattr(unwrap(model), "chunk_size", 1))
             eps_B_T_D = torch.randn(len(init_states), self.horizon(model), D, generator=gen, device=self.device)
         # chained policies (flow heads, action tokens) sample from a generator seeded here (0: not sampling)
-        chain_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)) if sample and gen is not None else 0
+        chain_seed = (
+            int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device))
+            if sample and gen is not None
+            else 0
+        )
         if workers <= 0:
-            return self._episodes(model, init_states, eps_B_T_D, None, chain_seed)
-        from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
-
+            return self._episodes(model, init_states, eps_B_T_D, None, chain_seed, noise_level)
         if self._pool is None or len(self._pool.workers) != workers:
             self._pool = EnvPool(self.task.make_env, workers)
         parts = []
@@ -276,7 +405,7 @@ class RobotPolicyAdapter:
             eps = eps_B_T_D[i : i + workers] if eps_B_T_D is not None else None
             for attempt in range(3):
                 try:
-                    parts.append(self._episodes(model, chunk, eps, self._pool, chain_seed + i))
+                    parts.append(self._episodes(model, chunk, eps, self._pool, chain_seed + i, noise_level))
                     break
                 except WorkerCrashed as e:
                     if attempt == 2:
@@ -284,7 +413,15 @@ class RobotPolicyAdapter:
                     print(f"[robot] {e}")
         return _concat(parts)
 
-    def _episodes(self, model: Any, init_states: list[Any], eps_B_T_D: Tensor | None, pool: Any, chain_seed: int = 0) -> Rollout:
+    def _episodes(
+        self,
+        model: Any,
+        init_states: list[Any],
+        eps_B_T_D: Tensor | None,
+        pool: Any,
+        chain_seed: int = 0,
+        noise_level: float = 0.7,
+    ) -> Rollout:
         """Episodes from `init_states`; each decision samples a chunk `mean + std * eps` (the mode
         when eps is None) that the environment executes before the next observation."""
         if pool is None:
@@ -296,7 +433,10 @@ class RobotPolicyAdapter:
         policy = unwrap(model)
         T, B = self.horizon(policy), len(init_states)
         D = self.task.action_dim * int(getattr(policy, "chunk_size", 1))
-        obs_B_T: dict[str, Tensor] = {k: torch.zeros(B, T, *v.shape, dtype=torch.as_tensor(v).dtype, device=self.device) for k, v in obs[0].items()}
+        obs_B_T: dict[str, Tensor] = {
+            k: torch.zeros(B, T, *v.shape, dtype=torch.as_tensor(v).dtype, device=self.device)
+            for k, v in obs[0].items()
+        }
         act_B_T_D = torch.zeros(B, T, D, device=self.device)
         mask_B_T = torch.zeros(B, T, device=self.device)
         logp_B_T = torch.zeros(B, T, device=self.device)
@@ -318,7 +458,9 @@ class RobotPolicyAdapter:
             keep = torch.as_tensor(alive, device=self.device, dtype=torch.float32)
             if chained:
                 o_N = {k: (v[:, 0] if isinstance(v, Tensor) else v) for k, v in o.items()}
-                a_N, chain = policy.sample_chunk(o_N, generator=chain_gen, noise_level=self.flow_noise_level if eps_B_T_D is not None else 0.0)
+                a_N, chain = policy.sample_chunk(
+                    o_N, generator=chain_gen, noise_level=noise_level if eps_B_T_D is not None else 0.0
+                )
                 chain.mask_B_T = chain.mask_B_T * keep[:, None]
                 chains[str(t)] = chain
                 a, lp = a_N.unsqueeze(1), chain.behavior_logp_B_T.sum(-1, keepdim=True)
@@ -349,24 +491,38 @@ class RobotPolicyAdapter:
             steps.update(chains=chains, decision_actions=act_B_T_D)
             parts = [chains[str(t)] for t in range(T)]
             return Rollout(
-                context=list(init_states), steps=steps, actions=torch.cat([c.actions for c in parts], 1),
-                mask_B_T=torch.cat([c.mask_B_T for c in parts], 1), behavior_logp_B_T=torch.cat([c.behavior_logp_B_T for c in parts], 1),
-                rewards_B=torch.as_tensor(success, device=self.device), extras={"decisions_B": torch.as_tensor(decisions, device=self.device)},
+                context=list(init_states),
+                steps=steps,
+                actions=torch.cat([c.actions for c in parts], 1),
+                mask_B_T=torch.cat([c.mask_B_T for c in parts], 1),
+                behavior_logp_B_T=torch.cat([c.behavior_logp_B_T for c in parts], 1),
+                rewards_B=torch.as_tensor(success, device=self.device),
+                extras={"decisions_B": torch.as_tensor(decisions, device=self.device)},
             )
         return Rollout(
-            context=list(init_states), steps=steps, actions=act_B_T_D, mask_B_T=mask_B_T,
-            behavior_logp_B_T=logp_B_T, rewards_B=torch.as_tensor(success, device=self.device),
+            context=list(init_states),
+            steps=steps,
+            actions=act_B_T_D,
+            mask_B_T=mask_B_T,
+            behavior_logp_B_T=logp_B_T,
+            rewards_B=torch.as_tensor(success, device=self.device),
             extras={"decisions_B": torch.as_tensor(decisions, device=self.device)},
         )
 
-    def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:
-        """Episodes from training initial states, acted by the student (or by the teacher, for warm-up)."""
-        if source == "dataset":
-            raise ConfigError("robot tasks have no dataset actions; warm up with objective sft and source: teacher")
-        self.flow_noise_level = float(getattr(rc, "noise_level", self.flow_noise_level))
-        return self.run_episodes(student if source == "student" else teacher, list(problems), gen, sample=True)
+    def rollout(
+        self, request: RolloutRequest, student: Any, teacher: Any, task: Any, problems: list[Any], gen: torch.Generator
+    ) -> Rollout:
+        """Episodes from training initial states, acted by the student (or by the teacher, for warm-up);
+        `request.settings` is the stage's `RobotRolloutConfig` (flow heads sample at its noise_level)."""
+        _refuse_unserved(request)
+        settings = request.settings if request.settings is not None else RobotRolloutConfig()
+        actor = student if request.source == "student" else teacher
+        return self.run_episodes(actor, list(problems), gen, sample=True, noise_level=settings.noise_level)
 
-    def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Gaussian:
+    def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Any:
+        """Any policy's step distributions on the rollout's states: a `Gaussian` per decision, or per
+        chained step (`VelocityStepDist` per denoising step, `HiddenCategorical` per action token, a
+        Gaussian teacher's `BinnedGaussian`).  Policies sample at their own noise: `temperature` is unused."""
         policy = unwrap(model)
         chains = rollout.steps.get("chains")
         if chains is None:
@@ -375,12 +531,14 @@ class RobotPolicyAdapter:
         if hasattr(policy, "step_dist"):
             return cat_step_dists([policy.step_dist(None, c) for c in parts])
         if "token_bins" in parts[0].extras and hasattr(policy, "dist"):  # a Gaussian teacher scoring action tokens
-            from mmdistill.modalities.robot.tokenized import BinnedGaussian
-
-            d = policy.dist(rollout.steps["obs"], torch.ones(rollout.steps["decision_actions"].shape[:2], device=self.device))
+            d = policy.dist(
+                rollout.steps["obs"], torch.ones(rollout.steps["decision_actions"].shape[:2], device=self.device)
+            )
             B = d.mean_B_T_D.shape[0]
             first, n_bins = parts[0].extras["token_bins"]
-            return BinnedGaussian(d.mean_B_T_D.reshape(B, -1), d.std_B_T_D.reshape(B, -1), rollout.mask_B_T, first, n_bins)
+            return BinnedGaussian(
+                d.mean_B_T_D.reshape(B, -1), d.std_B_T_D.reshape(B, -1), rollout.mask_B_T, first, n_bins
+            )
         raise CompatibilityError(
             "a flow-head student's rollout is scored per denoising step; this policy has no flow head (the scripted "
             "expert scores whole decisions) -- give a flow-head student a flow-head teacher (e.g. a SmolVLA checkpoint)"
@@ -389,7 +547,7 @@ class RobotPolicyAdapter:
     @torch.no_grad()
     def dist_metrics(self, dist: Any, rollout: Rollout) -> dict[str, float]:
         """The policy's mean entropy per decision at the rollout's states (the entropy curves)."""
-        if not hasattr(dist, "entropy"):
+        if isinstance(dist, VelocityStepDist):  # a flow head's chain has no closed-form action entropy
             return {}
         n = rollout.mask_B_T.sum().clamp(min=1)
         return {"entropy": float((dist.entropy() * rollout.mask_B_T).sum() / n)}
@@ -397,16 +555,31 @@ class RobotPolicyAdapter:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, model: Any, task: Any, cfg: Any, seed: int = 0, out_dir: Path | None = None, tag: str = "eval") -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: Any,
+        task: Any,
+        cfg: RobotEvalConfig,
+        seed: int = 0,
+        out_dir: Path | None = None,
+        tag: str = "eval",
+        show: int = 3,
+    ) -> dict[str, Any]:
         """Success rate of the mean action from every evaluation initial state (overall and per
         task), the entropy of the policy's Gaussian per decision at the visited states, and a
-        video of the first `eval.grid` episodes."""
+        video of the first `eval.grid` episodes (`show`, the text samples kept, has no analogue here)."""
         states = task.problems(cfg.split, cfg.n, seed=seed)
         r = self.run_episodes(model, states, None, sample=False)
         d = self.step_dist(model, r)
         n_steps = r.mask_B_T.sum().clamp(min=1)
-        out: dict[str, Any] = {"n": len(states), "success_rate": float(r.rewards_B.mean()), "decisions": float(r.extras["decisions_B"].float().mean())}
-        if hasattr(d, "entropy"):  # Gaussian heads; a flow head's chain has no closed-form action entropy
+        out: dict[str, Any] = {
+            "n": len(states),
+            "success_rate": float(r.rewards_B.mean()),
+            "decisions": float(r.extras["decisions_B"].float().mean()),
+        }
+        if not isinstance(
+            d, VelocityStepDist
+        ):  # Gaussian heads, action tokens; a flow head's chain has no closed-form action entropy
             out["entropy"] = float(d.entropy().sum() / n_steps)
         if hasattr(task, "group_of"):
             groups: dict[str, list[float]] = {}
@@ -422,14 +595,14 @@ class RobotPolicyAdapter:
 
     # ------------------------------------------------------------------ datasets
 
-    def record(self, model: Any, task: Any, problems: list, root: Path, repo_id: str, sample: bool = True, seed: int = 0) -> dict[str, Any]:
+    def record(
+        self, model: Any, task: Any, problems: list, root: Path, repo_id: str, sample: bool = True, seed: int = 0
+    ) -> dict[str, Any]:
         """Run one episode per problem and write them as a LeRobot dataset (modalities/robot/record.py).
 
         One frame per decision: the observation the policy saw and the action chunk it executed
         (`action` is `[K * A]`; with chunk_size 1 this is LeRobot's usual per-step format).
         """
-        from mmdistill.modalities.robot.record import record_lerobot_dataset
-
         gen = torch.Generator(device=self.device).manual_seed(seed)
         r = self.run_episodes(model, problems, gen, sample=sample)
         obs = r.steps["obs"]
@@ -437,7 +610,11 @@ class RobotPolicyAdapter:
         episodes = []
         for b in range(r.batch_size):
             n = int(r.mask_B_T[b].sum())
-            ep: dict[str, Any] = {"state": obs["observation.state"][b, :n], "action": r.actions[b, :n], "task": language[b]}
+            ep: dict[str, Any] = {
+                "state": obs["observation.state"][b, :n],
+                "action": r.actions[b, :n],
+                "task": language[b],
+            }
             if "observation.images.image" in obs:
                 ep["image"] = obs["observation.images.image"][b, :n]
             if "observation.environment_state" in obs:
@@ -446,4 +623,10 @@ class RobotPolicyAdapter:
         chunk = int(getattr(unwrap(model), "chunk_size", 1))
         fps = max(1, round(getattr(task, "control_freq", 20) / chunk))
         record_lerobot_dataset(root, repo_id, fps, episodes, robot_type=getattr(task, "robot_type", None))
-        return {"episodes": len(episodes), "frames": int(r.mask_B_T.sum()), "success_rate": float(r.rewards_B.mean()), "fps": fps, "root": str(root)}
+        return {
+            "episodes": len(episodes),
+            "frames": int(r.mask_B_T.sum()),
+            "success_rate": float(r.rewards_B.mean()),
+            "fps": fps,
+            "root": str(root),
+        }

@@ -8,6 +8,7 @@ a fixed seed; the first `num_eval` are the evaluation states and training never 
 
     python -c "from mmdistill.modalities.robot.envs import PointMassEnv; e = PointMassEnv(); print(e.reset(init_state=0))"
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,7 +66,13 @@ class PointMassEnv:
     obs_dim = 4
     action_dim = 2
 
-    def __init__(self, initial_states: InitialStates | None = None, max_steps: int = 30, radius: float = 0.1, step_size: float = 0.1):
+    def __init__(
+        self,
+        initial_states: InitialStates | None = None,
+        max_steps: int = 30,
+        radius: float = 0.1,
+        step_size: float = 0.1,
+    ):
         self.initial_states = initial_states if initial_states is not None else point_mass_initial_states()
         self.max_steps, self.radius, self.step_size = max_steps, radius, step_size
         self.pos = np.zeros(2, np.float32)

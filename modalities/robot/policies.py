@@ -7,6 +7,7 @@
 
     python -c "from mmdistill.modalities.robot.policies import *; print(GaussianMLPPolicy(4, 2))"
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,15 @@ class GaussianMLPPolicy(nn.Module):
 
     kind = "gaussian_mlp"
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 64, layers: int = 2, init_log_std: float = -0.5, chunk_size: int = 1):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: int = 64,
+        layers: int = 2,
+        init_log_std: float = -0.5,
+        chunk_size: int = 1,
+    ):
         super().__init__()
         self.action_dim, self.chunk_size = action_dim, chunk_size
         dims = [obs_dim] + [hidden] * layers
@@ -37,8 +46,15 @@ class GaussianMLPPolicy(nn.Module):
         self.body = nn.Sequential(*body)
         self.mean = nn.Linear(dims[-1], action_dim * chunk_size)
         self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
-        self.config = {"kind": self.kind, "obs_dim": obs_dim, "action_dim": action_dim, "hidden": hidden, "layers": layers,
-                       "init_log_std": init_log_std, "chunk_size": chunk_size}
+        self.config = {
+            "kind": self.kind,
+            "obs_dim": obs_dim,
+            "action_dim": action_dim,
+            "hidden": hidden,
+            "layers": layers,
+            "init_log_std": init_log_std,
+            "chunk_size": chunk_size,
+        }
 
     def dist(self, obs: Tensor | dict, mask_B_T: Tensor) -> Gaussian:
         mean = self.mean(self.body(state_of(obs)))
@@ -64,20 +80,44 @@ class VisionGaussianPolicy(nn.Module):
 
     kind = "vision_gaussian"
 
-    def __init__(self, state_dim: int, action_dim: int, chunk_size: int = 1, channels: int = 32, hidden: int = 128,
-                 init_log_std: float = -1.0, image_key: str = "observation.images.image"):
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        chunk_size: int = 1,
+        channels: int = 32,
+        hidden: int = 128,
+        init_log_std: float = -1.0,
+        image_key: str = "observation.images.image",
+    ):
         super().__init__()
         self.action_dim, self.chunk_size, self.image_key = action_dim, chunk_size, image_key
         self.conv = nn.Sequential(
-            nn.Conv2d(3, channels // 2, 5, stride=2), nn.ReLU(),
-            nn.Conv2d(channels // 2, channels, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3), SpatialSoftmax(),
+            nn.Conv2d(3, channels // 2, 5, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(channels // 2, channels, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3),
+            SpatialSoftmax(),
         )
-        self.mlp = nn.Sequential(nn.Linear(2 * channels + state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, action_dim * chunk_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * channels + state_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, action_dim * chunk_size),
+        )
         self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
-        self.config = {"kind": self.kind, "state_dim": state_dim, "action_dim": action_dim, "chunk_size": chunk_size,
-                       "channels": channels, "hidden": hidden, "init_log_std": init_log_std, "image_key": image_key}
+        self.config = {
+            "kind": self.kind,
+            "state_dim": state_dim,
+            "action_dim": action_dim,
+            "chunk_size": chunk_size,
+            "channels": channels,
+            "hidden": hidden,
+            "init_log_std": init_log_std,
+            "image_key": image_key,
+        }
 
     def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
         img = obs[self.image_key]
@@ -131,21 +171,51 @@ class ScriptedPickPlaceExpert(nn.Module):
 
     kind = "scripted_pick_place"
 
-    def __init__(self, gain: float = 10.0, std: float = 0.1, chunk_size: int = 1, grasp_dz: float = 0.02, near: float = 0.03,
-                 open_width: float = 0.08, target_radius: float = 0.07, target_height: float = 0.08, still: float = 0.05,
-                 carry: float = 0.20, xy_tol: float = 0.01, drop: float = 0.10, approach: float = 0.10):
+    def __init__(
+        self,
+        gain: float = 10.0,
+        std: float = 0.1,
+        chunk_size: int = 1,
+        grasp_dz: float = 0.02,
+        near: float = 0.03,
+        open_width: float = 0.08,
+        target_radius: float = 0.07,
+        target_height: float = 0.08,
+        still: float = 0.05,
+        carry: float = 0.20,
+        xy_tol: float = 0.01,
+        drop: float = 0.10,
+        approach: float = 0.10,
+    ):
         super().__init__()
         if std <= 0 or chunk_size < 1:
             raise ValueError(f"the scripted expert needs std > 0 and chunk_size >= 1; got {std}, {chunk_size}")
-        self.p = dict(gain=gain, grasp_dz=grasp_dz, near=near, open_width=open_width, target_radius=target_radius,
-                      target_height=target_height, still=still, carry=carry, xy_tol=xy_tol, drop=drop, approach=approach)
+        self.p = dict(
+            gain=gain,
+            grasp_dz=grasp_dz,
+            near=near,
+            open_width=open_width,
+            target_radius=target_radius,
+            target_height=target_height,
+            still=still,
+            carry=carry,
+            xy_tol=xy_tol,
+            drop=drop,
+            approach=approach,
+        )
         self.std, self.chunk_size, self.action_dim = std, chunk_size, 7
         self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p}
 
     def action(self, priv_N_P: Tensor) -> Tensor:
         """The controller's action `[N, 7]` from privileged states `[N, 13]`."""
         p = self.p
-        eef, gq, gv, obj, tgt = priv_N_P[:, 0:3], priv_N_P[:, 3:5], priv_N_P[:, 5:7], priv_N_P[:, 7:10], priv_N_P[:, 10:13]
+        eef, gq, gv, obj, tgt = (
+            priv_N_P[:, 0:3],
+            priv_N_P[:, 3:5],
+            priv_N_P[:, 5:7],
+            priv_N_P[:, 7:10],
+            priv_N_P[:, 10:13],
+        )
         up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
 
         def move(target: Tensor) -> Tensor:
@@ -158,7 +228,9 @@ class ScriptedPickPlaceExpert(nn.Module):
         grasp = obj + p["grasp_dz"] * up
         near = (eef - grasp).norm(dim=-1) < p["near"]
         closed = width < p["open_width"] - 0.004
-        in_target = ((obj[:, :2] - tgt[:, :2]).norm(dim=-1) < p["target_radius"]) & (obj[:, 2] < tgt[:, 2] + p["target_height"])
+        in_target = ((obj[:, :2] - tgt[:, :2]).norm(dim=-1) < p["target_radius"]) & (
+            obj[:, 2] < tgt[:, 2] + p["target_height"]
+        )
         held = near & closed & (gv.abs().amax(-1) < p["still"])
         release = in_target & ~(near & closed & (obj[:, 2] > tgt[:, 2] + 0.06))
         # carrying: lift, move over the target at carry height, lower, open
@@ -179,8 +251,9 @@ class ScriptedPickPlaceExpert(nn.Module):
         # reaching: reopen if closed on nothing, move above the object, descend, close
         d_xy = (eef[:, :2] - grasp[:, :2]).norm(dim=-1)
         above = torch.cat([grasp[:, :2], col(grasp[:, 2] + p["approach"])], -1)
-        reach_pos = torch.where(col(closed & ~near), move(eef + 0.05 * up),
-                                torch.where(col(d_xy > p["xy_tol"]), move(above), move(grasp)))
+        reach_pos = torch.where(
+            col(closed & ~near), move(eef + 0.05 * up), torch.where(col(d_xy > p["xy_tol"]), move(above), move(grasp))
+        )
         at_grasp = (d_xy <= p["xy_tol"]) & (eef[:, 2] <= grasp[:, 2] + 0.01) & ~(closed & ~near)
         reach_g = torch.where(at_grasp, 1.0, -1.0)
         pos = torch.where(col(release), move(eef + 0.1 * up), torch.where(col(held), held_pos, reach_pos))
@@ -190,5 +263,10 @@ class ScriptedPickPlaceExpert(nn.Module):
     def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
         priv = obs["observation.environment_state"]
         B, T, P = priv.shape
-        a = self.action(priv.reshape(B * T, P).float()).view(B, T, 1, 7).expand(B, T, self.chunk_size, 7).reshape(B, T, -1)
+        a = (
+            self.action(priv.reshape(B * T, P).float())
+            .view(B, T, 1, 7)
+            .expand(B, T, self.chunk_size, 7)
+            .reshape(B, T, -1)
+        )
         return Gaussian(a, torch.full_like(a, self.std), mask_B_T)

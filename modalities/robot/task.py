@@ -3,12 +3,25 @@ training and evaluation sets (a "problem" is an initial-state index).
 
     task: {type: reach, num_states: 200, num_eval: 50, max_steps: 30}
 """
+
 from __future__ import annotations
 
+import math
 import random
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from mmdistill.modalities.robot.envs import PointMassEnv, point_mass_initial_states
+from mmdistill.modalities.robot.libero import (
+    PROTOCOL,
+    LiberoEnv,
+    official_init_states,
+    sample_train_states,
+    suite_tasks,
+)
 from mmdistill.registry import TASKS
 
 
@@ -20,12 +33,21 @@ class ReachTask:
     obs_dim = PointMassEnv.obs_dim
     action_dim = PointMassEnv.action_dim
 
-    def __init__(self, num_states: int = 200, num_eval: int = 50, max_steps: int = 30, radius: float = 0.1, seed: int = 1234,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        num_states: int = 200,
+        num_eval: int = 50,
+        max_steps: int = 30,
+        radius: float = 0.1,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ):
         if max_steps < 1 or radius <= 0:
             raise ValueError(f"task.max_steps must be >= 1 and task.radius > 0; got {max_steps}, {radius}")
         if num_workers < 0:
-            raise ValueError(f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}")
+            raise ValueError(
+                f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}"
+            )
         self.num_workers = num_workers  # > 0: environments in worker processes (modalities/robot/vec.py)
         self.initial_states = point_mass_initial_states(num_states, num_eval, seed)
         self.max_steps, self.radius = max_steps, radius
@@ -45,15 +67,11 @@ class ReachTask:
         succeeded), its trail and the goal disc (red)."""
         obs_B_T_O = rollout.steps["obs"]["observation.state"].cpu().numpy()
         mask_B_T, success_B = rollout.mask_B_T.cpu().numpy(), rollout.rewards_B.cpu().numpy()
-        import math
-        from pathlib import Path
-
+        # lazy, as in the core's plots: pyplot is slow to import and only videos of the point mass need it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
-        from PIL import Image
 
         B = min(len(obs_B_T_O), 16)
         cols = min(4, B)
@@ -105,20 +123,32 @@ class LiberoTask:
     control_freq = 20  # Hz, robosuite's default in LIBERO
     robot_type = "panda"
 
-    def __init__(self, suite: str = "libero_object", tasks: list[int] | str = "all", num_eval: int = 50, num_train: int = 100,
-                 train_seed: int = 10_000, image_size: int = 64, render: str = "decision", max_steps: int | None = None,
-                 settle_steps: int = 10, num_workers: int = 0):
-        from mmdistill.modalities.robot.libero import PROTOCOL, suite_tasks
-
+    def __init__(
+        self,
+        suite: str = "libero_object",
+        tasks: list[int] | str = "all",
+        num_eval: int = 50,
+        num_train: int = 100,
+        train_seed: int = 10_000,
+        image_size: int = 64,
+        render: str = "decision",
+        max_steps: int | None = None,
+        settle_steps: int = 10,
+        num_workers: int = 0,
+    ):
         all_tasks = suite_tasks(suite)
         ids = list(range(len(all_tasks))) if tasks == "all" else [int(t) for t in tasks]
         bad = [t for t in ids if not 0 <= t < len(all_tasks)]
         if bad or not ids:
             raise ValueError(f"task.tasks: {suite} has tasks 0..{len(all_tasks) - 1}; got {tasks}")
         if not 0 < num_eval <= PROTOCOL["num_init_states"] or num_train < 1:
-            raise ValueError(f"task.num_eval must be in 1..50 (LIBERO's fixed initial states) and task.num_train >= 1; got {num_eval}, {num_train}")
+            raise ValueError(
+                f"task.num_eval must be in 1..50 (LIBERO's fixed initial states) and task.num_train >= 1; got {num_eval}, {num_train}"
+            )
         if num_workers < 0:
-            raise ValueError(f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}")
+            raise ValueError(
+                f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}"
+            )
         self.suite, self.task_ids, self.num_workers = suite, ids, num_workers
         self.image_size, self.render, self.settle_steps = image_size, render, settle_steps
         self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
@@ -131,23 +161,24 @@ class LiberoTask:
         """Per task `(eval_states [num_eval, S], train_states [num_train, S])`; the training layouts
         are sampled (and cached on disk) on first use, so building the task is cheap."""
         if self._states is None:
-            from mmdistill.modalities.robot.libero import official_init_states, sample_train_states
-
             self._states = {}
             for t in self.task_ids:
                 ev = official_init_states(self.suite, t)[: self.num_eval]
-                self._states[t] = (ev, sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev))
+                self._states[t] = (
+                    ev,
+                    sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev),
+                )
         return self._states
 
     def make_env(self) -> Any:
-        from mmdistill.modalities.robot.libero import LiberoEnv
-
         return LiberoEnv(self.suite, self.states, self.image_size, self.render, self.max_steps, self.settle_steps)
 
     def summary(self) -> str:
         n_eval, n_train = self.num_eval, self.num_train
-        return (f"libero: {self.suite} tasks {self.task_ids}, {n_train} training / {n_eval} evaluation initial states per task, "
-                f"{self.max_steps} steps, render={self.render} at {self.image_size}px")
+        return (
+            f"libero: {self.suite} tasks {self.task_ids}, {n_train} training / {n_eval} evaluation initial states per task, "
+            f"{self.max_steps} steps, render={self.render} at {self.image_size}px"
+        )
 
     def language(self, problem: Any) -> str:
         return self.languages[int(problem[0])]
@@ -172,11 +203,6 @@ class LiberoTask:
     def render_episodes(self, rollout: Any, path: Any) -> None:
         """An animated GIF of up to 8 episodes side by side, one frame per decision (the camera
         images the policy saw), the border green once an episode succeeded."""
-        from pathlib import Path
-
-        import numpy as np
-        from PIL import Image
-
         imgs = rollout.steps["obs"].get("observation.images.image")
         if imgs is None:
             return

@@ -10,11 +10,13 @@ policy's noise, so a rerun is the same episode).
     obs_B_O = pool.reset([0, 1, 2, 3])
     obs_B_O, reward_B, done_B, success_B = pool.step(actions_B_A)
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +108,9 @@ class EnvPool:
         obs = self._call([(i, "reset", s) for i, s in enumerate(init_states)])
         return obs if isinstance(obs[0], dict) else np.stack(obs)
 
-    def step(self, actions_B_A: np.ndarray, active: list[int] | None = None) -> dict[int, tuple[np.ndarray, float, bool, bool]]:
+    def step(
+        self, actions_B_A: np.ndarray, active: list[int] | None = None
+    ) -> dict[int, tuple[np.ndarray, float, bool, bool]]:
         """Step the `active` workers (default: all reset ones) with their rows of `actions_B_A`;
         returns {slot: (obs, reward, done, success)}."""
         active = list(range(len(actions_B_A))) if active is None else active
@@ -123,7 +127,7 @@ class EnvPool:
             if proc.is_alive():
                 proc.kill()
 
-    def __enter__(self) -> "EnvPool":
+    def __enter__(self) -> EnvPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,9 +1,12 @@
-"""HF causal-LM adapter: load, sample on-policy, re-score, save.
+"""HF causal-LM adapter: load, sample on-policy, re-score, evaluate, save.
 
 Teacher and student are any `AutoModelForCausalLM` checkpoints (path or hub id)
 or tiny random-init Qwen3/Llama models built from a config section.  They may
 differ in size and family but must share a tokenizer; padded vocabularies
-(e.g. 151,936 vs 152,064 rows) are truncated to the tokenizer's length.
+(e.g. 151,936 vs 152,064 rows) are truncated to the tokenizer's length.  Two
+teacher kinds need no shared tokenizer or no live model: `kind: cross_tokenizer`
+(X-Token projection, `xtoken.py`) and `kind: stored_logits` (Lightning OPD's
+precomputed top-k, `stored_logits.py`).
 
 Sampling is a lean KV-cache loop (no logits processors), recording the
 behaviour log-prob of every sampled token.  Re-scoring returns a
@@ -12,51 +15,83 @@ computed in chunks and `B x T x V` logits never exist.
 
     mmdistill sample runs/quickstart/student_opd/final --task arith --n 4
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mmdistill.config import LoraConfig, ModelConfig, TinyLMConfig, TokenizerConfig
+from mmdistill.config import LoraConfig, ModelConfig, TokenizerConfig
 from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
+from mmdistill.interfaces import AdapterSpec, Rollout, RolloutRequest, StepDist, TeacherGuidance, select_guidance
+from mmdistill.modalities.text.config import (
+    CrossTokenizerOptions,
+    StoredLogitsOptions,
+    TextEvalConfig,
+    TextRolloutConfig,
+    TinyLMConfig,
+)
+from mmdistill.modalities.text.engine import build_engine
+from mmdistill.modalities.text.evaluate import evaluate_generation
+from mmdistill.modalities.text.hf import (
+    DTYPES,
+    LORA_TARGETS,
+    apply_lora,
+    build_tiny_lm,
+    check_model_tokenizer,
+    load_causal_lm,
+    unwrap,
+)
+from mmdistill.modalities.text.rollouts import Context, cat_rollouts
+from mmdistill.modalities.text.stored_logits import StoredLogitsTeacher
+from mmdistill.modalities.text.tokenizer import build_char_tokenizer, build_word_tokenizer
+from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher
 from mmdistill.registry import ADAPTERS
-from mmdistill.rollout import Rollout, select_guidance
 from mmdistill.stepdist import HiddenCategorical, RoutedCategorical
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # default LoRA targets (attention projections)
+# names other modules import from here (robot/tokenized.py, tests)
+__all__ = [
+    "CausalLMAdapter",
+    "Context",
+    "cat_rollouts",
+    "build_tiny_lm",
+    "load_causal_lm",
+    "check_model_tokenizer",
+    "apply_lora",
+    "unwrap",
+    "check_tokenizers_match",
+    "DTYPES",
+    "LORA_TARGETS",
+    "TinyLMConfig",
+]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Context:
-    """What a text rollout was conditioned on."""
-
-    questions: list[str]
-    prompt_len: int  # P: prompts are left-padded to this length
-    tags: list[str | None] | None = None  # each problem's routing tag (problem.meta["tag"]), for multi-teacher routing
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under accelerate / DDP / peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+TEACHER_KINDS = {
+    "cross_tokenizer": CrossTokenizerTeacher,
+    "stored_logits": StoredLogitsTeacher,
+}  # models.NAME.kind -> class
 
 
 @ADAPTERS.register("hf_causal_lm")
 class CausalLMAdapter:
     """One tokenizer shared by teacher and student; models are passed to each call."""
 
-    tiny_config = TinyLMConfig  # what `models.NAME.tiny` is checked against
-    supports_routing = True  # `teachers: {tag: model}` routes each problem to the teacher of its meta["tag"]
+    spec = AdapterSpec(
+        rollout_config=TextRolloutConfig,
+        eval_config=TextEvalConfig,
+        tiny_config=TinyLMConfig,
+        model_kinds=tuple(TEACHER_KINDS),
+        model_options={"cross_tokenizer": CrossTokenizerOptions, "stored_logits": StoredLogitsOptions},
+        needs_tokenizer=True,
+        supports_routing=True,  # `teachers: {tag: model}` routes each problem to the teacher of its meta["tag"]
+        can_record=False,
+        default_task="arith",
+    )
 
     def __init__(self, tokenizer: Any, device: torch.device | str = "cpu", chunk_size: int = 1024):
         self.tokenizer = tokenizer
@@ -72,24 +107,45 @@ class CausalLMAdapter:
         self.pad_id = tokenizer.pad_token_id
         self._engines: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ loading
+    def bind(self, task: Any) -> None:
+        """Nothing about a text model depends on the task (the tokenizer was built from it already)."""
+
+    # ------------------------------------------------------------------ checkpoints and tokenizers (class level)
+
+    @staticmethod
+    def claims_checkpoint(path: str | Path) -> bool:
+        """A transformers causal-LM directory: `config.json` of a causal-LM `model_type` (not a diffusers pipeline)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        p = Path(path)
+        if (p / "model_index.json").exists() or not (p / "config.json").is_file():
+            return False
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    @staticmethod
+    def check_checkpoint(path: str, name: str) -> None:
+        """Nothing before loading: `load_model` explains a directory without config.json."""
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> Any:
-        """`tokenizer.path`, else the first checkpoint model's tokenizer, else an offline word tokenizer."""
+        """`tokenizer.path`, else the first checkpoint model's tokenizer, else an offline word (or char) tokenizer."""
         from transformers import AutoTokenizer
 
-        from mmdistill.modalities.text.tokenizer import build_word_tokenizer
-
-        path = cfg.path or next((m.path for m in models.values() if m.path is not None and not m.cross_tokenizer), None)
+        path = cfg.path or next(
+            (m.path for m in models.values() if m.path is not None and m.kind == "checkpoint"), None
+        )
         if path is not None:
             try:
                 tok = AutoTokenizer.from_pretrained(path)
             except OSError as e:
-                raise CheckpointError(f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory") from None
+                raise CheckpointError(
+                    f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory"
+                ) from None
         elif cfg.level == "char":
-            from mmdistill.modalities.text.tokenizer import build_char_tokenizer
-
             tok = build_char_tokenizer()
         else:
             tok = build_word_tokenizer(task.vocabulary())
@@ -97,32 +153,70 @@ class CausalLMAdapter:
             tok.chat_template = cfg.chat_template
         return tok
 
-    def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
-        dtype = DTYPES[cfg.dtype]
-        if cfg.cross_tokenizer:  # a teacher speaking another tokenizer, projected onto ours (X-Token)
-            from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher
+    @staticmethod
+    def load_tokenizer(path: str | Path) -> Any:
+        """The tokenizer saved in a checkpoint directory, a run's `tokenizer/` directory, or a run
+        directory holding one; None when there is none."""
+        from transformers import AutoTokenizer
 
-            return CrossTokenizerTeacher.load(cfg, self, name)
+        p = Path(path)
+        for d in (p, p / "tokenizer"):
+            if (d / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(str(d))
+        return None
+
+    @staticmethod
+    def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
+        """Refuse a checkpoint whose tokenizer is not the run's (before any compute)."""
+        from transformers import AutoTokenizer
+
+        try:
+            theirs = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"models.{name}.path: cannot load a tokenizer from '{path}' ({str(e).strip().splitlines()[0]}); check the path"
+            ) from None
+        check_tokenizers_match(theirs, tokenizer, f"models.{name}", "run", compare_chat_template=compare_chat_template)
+
+    # ------------------------------------------------------------------ loading
+
+    def load_model(self, cfg: ModelConfig, name: str = "model") -> torch.nn.Module:
+        """A checkpoint, a tiny random-init model, or a teacher kind (`cross_tokenizer`, `stored_logits`)."""
+        if cfg.kind != "checkpoint":
+            if cfg.kind not in TEACHER_KINDS:
+                raise ConfigError(
+                    f"models.{name}.kind: '{cfg.kind}' is not a text model kind; known: checkpoint, {', '.join(TEACHER_KINDS)}"
+                )
+            return TEACHER_KINDS[cfg.kind].load(cfg, self, name)
+        if cfg.options:
+            raise ConfigError(
+                f"models.{name}.options: a checkpoint model takes no options; remove them (or set models.{name}.kind)"
+            )
+        dtype = DTYPES[cfg.dtype]
         if cfg.tiny is not None:
             model = build_tiny_lm(cfg.tiny, self.tokenizer).to(dtype)
         else:
             assert cfg.path is not None
-            model = load_causal_lm(cfg.path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, name=name)
+            model = load_causal_lm(
+                cfg.path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, name=name
+            )
             check_model_tokenizer(model, self.tokenizer, cfg.path)
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora)
         return model.to(cfg.device or self.device)
 
-    def prune_layers(self, model: torch.nn.Module, keep_layers: list[int], lora: LoraConfig | None = None, name: str = "model") -> torch.nn.Module:
+    def prune_layers(
+        self, model: torch.nn.Module, keep_layers: list[int], lora: LoraConfig | None = None, name: str = "model"
+    ) -> torch.nn.Module:
         """A copy of `model` with only `keep_layers` of its decoder (layer dropping)."""
-        import copy
-
         base = copy.deepcopy(unwrap(model))
         decoder = base.get_decoder()
         layers = decoder.layers
         bad = [i for i in keep_layers if not -len(layers) <= i < len(layers)]
         if bad:
-            raise ConfigError(f"models.{name}.prune.keep_layers: {bad} out of range for a model with {len(layers)} layers")
+            raise ConfigError(
+                f"models.{name}.prune.keep_layers: {bad} out of range for a model with {len(layers)} layers"
+            )
         kept = [layers[i] for i in keep_layers]
         for new_idx, layer in enumerate(kept):  # the KV cache is indexed by layer_idx
             for module in layer.modules():
@@ -139,16 +233,9 @@ class CausalLMAdapter:
     def add_lora(self, model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
         return apply_lora(model, lora).to(self.device)
 
-    @staticmethod
-    def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
-        """Refuse a checkpoint whose tokenizer is not the run's (before any compute)."""
-        from transformers import AutoTokenizer
-
-        try:
-            theirs = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"models.{name}.path: cannot load a tokenizer from '{path}' ({str(e).strip().splitlines()[0]}); check the path") from None
-        check_tokenizers_match(theirs, tokenizer, f"models.{name}", "run", compare_chat_template=compare_chat_template)
+    def unwrap(self, model: Any) -> Any:
+        """The transformers model under accelerate / DDP / peft wrappers."""
+        return unwrap(model)
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         """A standard HF checkpoint (merged, if LoRA) plus the tokenizer."""
@@ -157,11 +244,21 @@ class CausalLMAdapter:
             m = m.module
         if hasattr(m, "merge_and_unload"):  # peft: save the adapter too, then the merged model
             m.save_pretrained(str(Path(out_dir) / "lora_adapter"))
-            import copy
-
             m = copy.deepcopy(m).merge_and_unload()
         m.save_pretrained(str(out_dir), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out_dir))
+
+    def stage_fingerprint(self, model: Any) -> str:
+        """sha256 of a model's weights (names, dtypes, shapes, bytes); a stored-logits teacher's is
+        the sha256 of the checkpoint that wrote its shards."""
+        if isinstance(model, StoredLogitsTeacher):
+            return model.fingerprint()
+        h = hashlib.sha256()
+        for key, t in sorted(unwrap(model).state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ prompts
 
@@ -181,8 +278,6 @@ class CausalLMAdapter:
 
     def engine(self, name: str = "hf") -> Any:
         """The generation engine `rollout.engine` names (built once per run)."""
-        from mmdistill.modalities.text.engine import build_engine
-
         if name not in self._engines:
             self._engines[name] = build_engine(name, self.vocab_size, self.eos_id, self.pad_id)
         return self._engines[name]
@@ -200,10 +295,15 @@ class CausalLMAdapter:
     ) -> Rollout:
         """On-policy sampling through the generation engine; temperature 0 is greedy.
         `mixture=(teacher, beta)`: each token is the teacher's with probability beta (DAgger)."""
+        for m in (model, mixture[0] if mixture is not None else None):
+            if isinstance(m, (CrossTokenizerTeacher, StoredLogitsTeacher)):  # teacher kinds score, they do not generate
+                raise m.cannot_generate()
         model_was_training = model.training
         model.eval()
         prompt_ids, prompt_attn = self.encode_prompts(questions)
-        gen = self.engine(engine).generate(model, prompt_ids, prompt_attn, max_new_tokens, temperature, generator, mixture=mixture)
+        gen = self.engine(engine).generate(
+            model, prompt_ids, prompt_attn, max_new_tokens, temperature, generator, mixture=mixture
+        )
         model.train(model_was_training)
         rollout = Rollout(
             context=Context(list(questions), prompt_ids.shape[1]),
@@ -218,9 +318,11 @@ class CausalLMAdapter:
 
     def dataset_rollout(self, questions: list[str], completions: list[str]) -> Rollout:
         """Gold or teacher-written completions as a rollout (behaviour log-probs unknown: zeros)."""
-        return self.ids_rollout(questions, [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in completions])
+        return self.ids_rollout(
+            questions, [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in completions]
+        )
 
-    def ids_rollout(self, questions: list[str], completion_ids: list[list[int]]) -> Rollout:
+    def ids_rollout(self, questions: list[str], completion_ids: list[Any]) -> Rollout:
         """Stored completion token ids as a rollout: prompts encoded as at sampling time, completions
         right-padded, behaviour log-probs zero."""
         prompt_ids, prompt_attn = self.encode_prompts(questions)
@@ -238,35 +340,45 @@ class CausalLMAdapter:
             behavior_logp_B_T=torch.zeros(len(completion_ids), T, device=self.device),
         )
 
-    def rollout(self, source: str, student: Any, teacher: Any, task: Any, problems: list, rc: Any, gen: Any, objective: Any = None) -> Rollout:
-        """The training loop's rollout: student or teacher samples scored by the task's verifier,
-        or the dataset's own completions (`source="dataset"`).  What the objective declares adds to it:
-        `mixture_beta` (DAgger: tokens drawn from the teacher with that probability), `privileged_context`
-        (OPSD: the teacher's view sees the reference solution), `teacher_guidance` (BRTS / AMPO: teacher
-        rollouts appended to the batch, flagged in extras["from_teacher_B"])."""
+    def rollout(
+        self, request: RolloutRequest, student: Any, teacher: Any, task: Any, problems: list, gen: torch.Generator
+    ) -> Rollout:
+        """The training loop's rollout, as `request` asks: student or teacher samples scored by the task's
+        verifier, or the dataset's own completions (`source="dataset"`: gold solutions, or a teacher's
+        stored completions on a teacher_shards task).  `request.mixture_beta`: DAgger, tokens drawn from the
+        teacher with that probability; `request.privileged_template`: OPSD, the teacher's view sees the
+        reference solution; `request.guidance`: BRTS / AMPO, teacher rollouts appended to the batch
+        (flagged in extras["from_teacher_B"]).  Sampling settings come from `request.settings`."""
+        rc = request.settings if request.settings is not None else TextRolloutConfig()
+        if request.kind != "trajectory":
+            raise ConfigError(
+                f"objective: a text rollout is a sampled trajectory; rollout kind {request.kind!r} is for flow models"
+            )
+        source = request.source
         questions = [p.question for p in problems]
-        if source == "dataset" and hasattr(problems[0], "completion_ids"):  # stored token ids and teacher top-k (Lightning OPD)
-            from mmdistill.modalities.text.lightning import shard_rollout
-
-            return shard_rollout(self, problems)
         if source == "dataset":
-            rollout = self.dataset_rollout(questions, [p.solution for p in problems])
+            rollout = self.ids_rollout(questions, [p.dataset_ids(self.tokenizer) for p in problems])
         else:
-            model = student if source == "student" else teacher
-            beta = getattr(objective, "mixture_beta", None)
             mixture = None
-            if beta is not None and source == "student":
-                if isinstance(teacher, dict):
-                    raise ConfigError("a DAgger mixture samples from one teacher; use `teacher`, not `teachers`")
-                mixture = (teacher, beta)
-            rollout = self.sample(model, questions, rc.max_new_tokens, rc.temperature, gen, engine=rc.engine, mixture=mixture)
+            if request.mixture_beta is not None and source == "student":
+                if teacher is None or isinstance(teacher, dict):
+                    raise ConfigError(
+                        "a DAgger mixture samples from one teacher; set the stage's `teacher`, not `teachers`"
+                    )
+                mixture = (teacher, request.mixture_beta)
+            model = student if source == "student" else teacher
+            if model is None or isinstance(model, dict):
+                raise ConfigError("teacher rollouts sample from one teacher; set the stage's `teacher`, not `teachers`")
+            rollout = self.sample(
+                model, questions, rc.max_new_tokens, rc.temperature, gen, engine=rc.engine, mixture=mixture
+            )
             rollout.rewards_B = self.rewards(task, problems, rollout)
         rollout.context.tags = [p.meta.get("tag") for p in problems]
-        if getattr(objective, "privileged_context", False):
-            rollout.extras["teacher_steps"] = self.privileged_prompts(problems, objective.privileged_template)
-        guidance = getattr(objective, "teacher_guidance", None)
-        if guidance is not None and source == "student":
-            rollout = self.add_teacher_rollouts(rollout, student, teacher, task, problems, rc, gen, guidance)
+        rollout.context.keys = [p.meta.get("key") for p in problems]
+        if request.privileged_template is not None:
+            rollout.extras["teacher_steps"] = self.privileged_prompts(problems, request.privileged_template)
+        if request.guidance is not None and source == "student":
+            rollout = self.add_teacher_rollouts(rollout, student, teacher, task, problems, rc, gen, request.guidance)
         return rollout
 
     def rewards(self, task: Any, problems: list, rollout: Rollout) -> Tensor:
@@ -286,8 +398,17 @@ class CausalLMAdapter:
         lp_B_T = self.step_dist(model, rollout).log_prob(rollout.actions)
         return (lp_B_T * rollout.mask_B_T).sum(1) / rollout.mask_B_T.sum(1).clamp(min=1)
 
-    def add_teacher_rollouts(self, rollout: Rollout, student: Any, teacher: Any, task: Any, problems: list, rc: Any,
-                             gen: Any, guidance: Any) -> Rollout:
+    def add_teacher_rollouts(
+        self,
+        rollout: Rollout,
+        student: Any,
+        teacher: Any,
+        task: Any,
+        problems: list,
+        rc: TextRolloutConfig,
+        gen: Any,
+        guidance: TeacherGuidance,
+    ) -> Rollout:
         """Append selected teacher rollouts to a student rollout (groups of `rc.group_size` rows per prompt).
 
         For each prompt whose group qualifies (`guidance.when`: "always", or "all_failed" = no student
@@ -310,15 +431,21 @@ class CausalLMAdapter:
         if teacher is None or isinstance(teacher, dict):
             raise ConfigError("teacher guidance samples from one teacher; set the stage's `teacher`")
         cand_problems = [problems[k * g] for k in chosen for _ in range(guidance.n)]
-        cand = self.sample(teacher, [p.question for p in cand_problems], rc.max_new_tokens, rc.temperature, gen, engine=rc.engine)
+        cand = self.sample(
+            teacher, [p.question for p in cand_problems], rc.max_new_tokens, rc.temperature, gen, engine=rc.engine
+        )
         cand.rewards_B = self.rewards(task, cand_problems, cand)
         was_training = student.training
         student.eval()
         align_B = self.mean_logp(student, cand)
         student.train(was_training)
         correct_B = cand.rewards_B >= guidance.threshold
-        per_prompt = select_guidance(correct_B.view(len(chosen), guidance.n), align_B.view(len(chosen), guidance.n),
-                                     guidance.keep, guidance.only_correct)
+        per_prompt = select_guidance(
+            correct_B.view(len(chosen), guidance.n),
+            align_B.view(len(chosen), guidance.n),
+            guidance.keep,
+            guidance.only_correct,
+        )
         keep_list = [k * guidance.n + i for k, idx in enumerate(per_prompt) for i in idx]
         if not keep_list:
             return rollout
@@ -338,14 +465,14 @@ class CausalLMAdapter:
 
     # ------------------------------------------------------------------ re-scoring
 
-    def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> Any:
+    def step_dist(self, model: Any, rollout: Rollout, temperature: float = 1.0) -> StepDist:
         """Re-score `model` on the rollout's states: hidden states at every completion step + LM head.
         A dict {tag: model} routes each row to the teacher of its tag; a model on another device
         (models.X.device) scores there and its result is moved next to the student."""
         if isinstance(model, dict):
             return self._routed_step_dist(model, rollout, temperature)
-        if hasattr(model, "cross_tokenizer_step_dist"):  # a teacher with another tokenizer (X-Token)
-            return model.cross_tokenizer_step_dist(self, rollout, temperature)
+        if isinstance(model, (CrossTokenizerTeacher, StoredLogitsTeacher)):  # teacher kinds score in their own way
+            return model.step_dist(self, rollout, temperature)
         dev = next(model.parameters()).device
         prompt_ids, prompt_attn = rollout.steps["prompt_ids"].to(dev), rollout.steps["prompt_attn"].to(dev)
         actions, mask_B_T = rollout.actions.to(dev), rollout.mask_B_T.to(dev)
@@ -360,13 +487,18 @@ class CausalLMAdapter:
         hidden_B_T_H = hidden[:, P - 1 : P - 1 + T]
         head = base.get_output_embeddings()
         dist = HiddenCategorical(
-            hidden_B_T_H, head.weight, mask_B_T, vocab_size=self.vocab_size,
-            temperature=temperature, chunk_size=self.chunk_size, head_bias_V=getattr(head, "bias", None),
+            hidden_B_T_H,
+            head.weight,
+            mask_B_T,
+            vocab_size=self.vocab_size,
+            temperature=temperature,
+            chunk_size=self.chunk_size,
+            head_bias_V=getattr(head, "bias", None),
         )
         return dist if dev == self.device else dist.to(self.device)
 
     def _routed_step_dist(self, teachers: dict[str, Any], rollout: Rollout, temperature: float) -> RoutedCategorical:
-        tags = getattr(rollout.context, "tags", None)
+        tags = rollout.context.tags
         if tags is None or any(t is None for t in tags):
             raise ConfigError(
                 "routing to several teachers needs each problem's tag (problem.meta['tag']); "
@@ -374,7 +506,9 @@ class CausalLMAdapter:
             )
         unknown = sorted(set(tags) - set(teachers))
         if unknown:
-            raise ConfigError(f"problems tagged {unknown} have no teacher; the stage's teachers are {sorted(teachers)}: add one per tag")
+            raise ConfigError(
+                f"problems tagged {unknown} have no teacher; the stage's teachers are {sorted(teachers)}: add one per tag"
+            )
         parts = []
         for name, model in teachers.items():
             rows = torch.tensor([i for i, t in enumerate(tags) if t == name], dtype=torch.long, device=self.device)
@@ -382,111 +516,27 @@ class CausalLMAdapter:
                 parts.append((rows, self.step_dist(model, rollout.select(rows), temperature)))
         return RoutedCategorical(parts, rollout.mask_B_T)
 
+    def dist_metrics(self, dist: StepDist, rollout: Rollout) -> dict[str, float]:
+        """No extra per-step metrics for text students."""
+        return {}
 
-def cat_rollouts(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
-    """Rows of `b` after rows of `a`: prompts re-left-padded, completions right-padded to a common length."""
-    P = max(a.steps["prompt_ids"].shape[1], b.steps["prompt_ids"].shape[1])
-    T = max(a.actions.shape[1], b.actions.shape[1])
+    # ------------------------------------------------------------------ evaluation
 
-    def left(x: Tensor, value: int) -> Tensor:
-        return F.pad(x, (P - x.shape[1], 0), value=value)
-
-    def right(x: Tensor, value: float) -> Tensor:
-        return F.pad(x, (0, T - x.shape[1]), value=value)
-
-    def both(fa: Any, fb: Any) -> Any:  # batch-major extras; per-step ones are right-padded
-        if not (isinstance(fa, Tensor) and isinstance(fb, Tensor)) or fa.dim() == 0:
-            return None
-        if fa.dim() == 2 and fa.shape[1] == a.actions.shape[1] and fb.shape[1] == b.actions.shape[1]:
-            return torch.cat([right(fa, 0), right(fb, 0)])
-        return torch.cat([fa, fb]) if fa.shape[1:] == fb.shape[1:] else None
-
-    ctx_a, ctx_b = a.context, b.context
-    tags = None if ctx_a.tags is None or ctx_b.tags is None else ctx_a.tags + ctx_b.tags
-    extras = {k: both(a.extras[k], b.extras[k]) for k in a.extras.keys() & b.extras.keys()}
-    rewards = None if a.rewards_B is None or b.rewards_B is None else torch.cat([a.rewards_B, b.rewards_B])
-    groups = None if a.group_ids_B is None or b.group_ids_B is None else torch.cat([a.group_ids_B, b.group_ids_B])
-    return Rollout(
-        context=Context(ctx_a.questions + ctx_b.questions, P, tags),
-        steps={"prompt_ids": torch.cat([left(a.steps["prompt_ids"], pad_id), left(b.steps["prompt_ids"], pad_id)]),
-               "prompt_attn": torch.cat([left(a.steps["prompt_attn"], 0), left(b.steps["prompt_attn"], 0)])},
-        actions=torch.cat([right(a.actions, pad_id), right(b.actions, pad_id)]),
-        mask_B_T=torch.cat([right(a.mask_B_T, 0.0), right(b.mask_B_T, 0.0)]),
-        behavior_logp_B_T=torch.cat([right(a.behavior_logp_B_T, 0.0), right(b.behavior_logp_B_T, 0.0)]),
-        rewards_B=rewards, group_ids_B=groups, extras={k: v for k, v in extras.items() if v is not None},
-    )
+    def evaluate(
+        self,
+        model: Any,
+        task: Any,
+        cfg: TextEvalConfig,
+        seed: int = 0,
+        out_dir: Path | None = None,
+        tag: str = "eval",
+        show: int = 3,
+    ) -> dict[str, Any]:
+        """Accuracy (and pass@k) by generation plus the task's verifier (`evaluate.py`); nothing is written to `out_dir`."""
+        return evaluate_generation(self, model, task, cfg, seed=seed, show=show)
 
 
-# ---------------------------------------------------------------------- builders
-
-
-def build_tiny_lm(cfg: TinyLMConfig, tokenizer: Any) -> torch.nn.Module:
-    """A random-init Qwen3 or Llama causal LM sized by `cfg`, vocabulary padded to a multiple of 8."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    vocab = -(-len(tokenizer) // 8) * 8
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(f"tiny.hidden_size={cfg.hidden_size} is not divisible by tiny.num_heads={cfg.num_heads}")
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(cfg.seed)
-        if cfg.arch == "qwen3":
-            model = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.hidden_size // cfg.num_heads, **common))
-        else:
-            model = LlamaForCausalLM(LlamaConfig(**common))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def load_causal_lm(path: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, name: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    local = Path(path)
-    if local.exists() and not (local / "config.json").exists():
-        raise CheckpointError(f"models.{name}.path: '{path}' has no config.json; point it at a saved HF checkpoint directory")
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"models.{name}.path: cannot load '{path}' ({first}); check the path or hub id (no downloads here?)") from None
-
-
-def check_model_tokenizer(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
-    rows = unwrap(model).get_output_embeddings().weight.shape[0]
-    if rows < len(tokenizer):
-        raise CompatibilityError(
-            f"model '{path}' has {rows} output rows but the tokenizer has {len(tokenizer)} tokens; "
-            "use the tokenizer saved with this model (tokenizer.path)"
-        )
-
-
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    if any(t in ("lm_head", "embed_tokens") for t in cfg.target_modules or ()):
-        raise ConfigError(
-            "lora.target_modules: LoRA on lm_head/embed_tokens is not supported (re-scoring reads the head weight directly); "
-            "target attention/MLP projections"
-        )
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    return get_peft_model(
-        model,
-        PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules or LORA_TARGETS), task_type="CAUSAL_LM"),
-    )
+# ---------------------------------------------------------------------- tokenizer checks
 
 
 def _tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
@@ -498,7 +548,11 @@ def _tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
 
 
 def check_tokenizers_match(
-    teacher: Any, student: Any, teacher_name: str = "teacher", student_name: str = "student", compare_chat_template: bool = True
+    teacher: Any,
+    student: Any,
+    teacher_name: str = "teacher",
+    student_name: str = "student",
+    compare_chat_template: bool = True,
 ) -> None:
     """Refuse a teacher/student pair whose tokenizers or chat templates differ."""
     from transformers import AutoTokenizer
@@ -518,7 +572,7 @@ def check_tokenizers_match(
             diff += ", same tokens with different ids"
         raise CompatibilityError(
             f"{teacher_name} and {student_name} tokenizers differ ({diff}); on-policy distillation needs one shared "
-            "tokenizer: pick models of one family or a cross-tokenizer objective"
+            "tokenizer: pick models of one family or give the teacher `kind: cross_tokenizer`"
         )
     if compare_chat_template and a["chat_template"] != b["chat_template"]:
         raise CompatibilityError(

@@ -13,6 +13,7 @@ can also sample from a per-token mixture of two policies -- the DAgger behaviour
 
     python -c "from mmdistill.modalities.text.engine import ENGINES; print(sorted(ENGINES))"
 """
+
 from __future__ import annotations
 
 import inspect
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdistill.errors import ConfigError
+from mmdistill.modalities.text.hf import unwrap
 
 
 @dataclass
@@ -38,16 +40,20 @@ class Generation:
 
 class GenerationEngine(Protocol):
     def generate(
-        self, model: Any, prompt_ids_B_P: Tensor, prompt_attn_B_P: Tensor, max_new_tokens: int,
-        temperature: float, generator: torch.Generator | None, mixture: tuple[Any, float] | None = None,
+        self,
+        model: Any,
+        prompt_ids_B_P: Tensor,
+        prompt_attn_B_P: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        mixture: tuple[Any, float] | None = None,
     ) -> Generation: ...
 
     def sync_weights(self, model: Any) -> None: ...
 
 
 def _cache_kw(model: torch.nn.Module) -> str:
-    from mmdistill.modalities.text.adapter import unwrap
-
     return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
@@ -62,14 +68,24 @@ class _Stepper:
         self.model, self.kw = model, _cache_kw(model)
         self.device = next(model.parameters()).device
         pos = (attn_B_P.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids_B_P.to(self.device), attention_mask=attn_B_P.to(self.device), position_ids=pos.to(self.device),
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids_B_P.to(self.device),
+            attention_mask=attn_B_P.to(self.device),
+            position_ids=pos.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache, self.logits = _get_cache(out), out.logits[:, -1]
         self.next_pos = pos[:, -1:].to(self.device) + 1
 
     def advance(self, tok_B: Tensor, attn_B_S: Tensor) -> None:
-        out = self.model(input_ids=tok_B[:, None].to(self.device), attention_mask=attn_B_S.to(self.device),
-                         position_ids=self.next_pos, use_cache=True, **{self.kw: self.cache})
+        out = self.model(
+            input_ids=tok_B[:, None].to(self.device),
+            attention_mask=attn_B_S.to(self.device),
+            position_ids=self.next_pos,
+            use_cache=True,
+            **{self.kw: self.cache},
+        )
         self.cache, self.logits = _get_cache(out), out.logits[:, -1]
         self.next_pos = self.next_pos + 1
 
@@ -95,8 +111,14 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(
-        self, model: Any, prompt_ids_B_P: Tensor, prompt_attn_B_P: Tensor, max_new_tokens: int,
-        temperature: float, generator: torch.Generator | None, mixture: tuple[Any, float] | None = None,
+        self,
+        model: Any,
+        prompt_ids_B_P: Tensor,
+        prompt_attn_B_P: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        mixture: tuple[Any, float] | None = None,
     ) -> Generation:
         """Sample up to `max_new_tokens`; `mixture=(teacher, beta)` draws each token from the teacher with probability beta."""
         device = prompt_ids_B_P.device
@@ -128,7 +150,9 @@ class HFEngine:
             for p in policies:
                 p.advance(tok_B, attn_B_S)
         return Generation(
-            tokens_B_T=torch.stack(tokens, 1), logp_B_T=torch.stack(logps, 1), mask_B_T=torch.stack(alive, 1).float(),
+            tokens_B_T=torch.stack(tokens, 1),
+            logp_B_T=torch.stack(logps, 1),
+            mask_B_T=torch.stack(alive, 1).float(),
             from_teacher_B_T=torch.stack(teacher_drew, 1) if mixture is not None else None,
         )
 
@@ -138,6 +162,10 @@ ENGINES: dict[str, type] = {"hf": HFEngine}
 
 def build_engine(name: str, vocab_size: int, eos_id: int, pad_id: int) -> GenerationEngine:
     if name not in ENGINES:
-        hint = " (vLLM: implement GenerationEngine.generate/sync_weights over vllm.LLM and add it to ENGINES)" if name == "vllm" else ""
+        hint = (
+            " (vLLM: implement GenerationEngine.generate/sync_weights over vllm.LLM and add it to ENGINES)"
+            if name == "vllm"
+            else ""
+        )
         raise ConfigError(f"rollout.engine: unknown engine '{name}'; known: {sorted(ENGINES)}{hint}")
     return ENGINES[name](vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id)

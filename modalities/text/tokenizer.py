@@ -10,6 +10,7 @@ special tokens <pad>, <eos>, <unk>, <bos> that `AutoTokenizer.from_pretrained` l
     python -c "from mmdistill.modalities.text.tokenizer import build_word_tokenizer; print(build_word_tokenizer(['Ann','has']).tokenize('Ann has 12'))"
     python -c "from mmdistill.modalities.text.tokenizer import build_char_tokenizer; print(build_char_tokenizer().tokenize('Ann has 12'))"
 """
+
 from __future__ import annotations
 
 import string

@@ -1,12 +1,12 @@
-"""X-Token (P-KL): distillation from a teacher with another tokenizer through a sparse
-projection W from the teacher's vocabulary onto the student's (docs/objectives.md section 8).
+"""X-Token (P-KL) projection math: a sparse W from the teacher's vocabulary onto the student's, and the
+teacher's distribution moved through it (docs/objectives.md section 8.12; "X-Token: Projection-Guided
+Cross-Tokenizer Knowledge Distillation", arXiv 2605.21699).
 
     P_S~(v | s_t) = sum_u P_T(u | s_t') W[u, v]        rows of W sum to 1
-    loss          = sum_t JSD_beta(pi_S(. | s_t), P_S~(. | s_t))   on the student's rollouts
 
 where s_t' is the teacher's state at the same character boundary as the student's state s_t
-(`mmdistill.modalities.text.xtoken` re-tokenises and aligns).  beta 1 is reverse KL(S || T~),
-beta 0 forward KL(T~ || S).
+(`mmdistill.modalities.text.xtoken` re-tokenises and aligns).  The ordinary `reverse_kl` / `jsd`
+objectives then score the student against P_S~ (the `kind: cross_tokenizer` teacher's StepDist).
 
 W is initialised from string rules on the decoded token strings, first rule that applies:
   1. special tokens by role: the teacher's eos / pad / bos / unk -> the student's;
@@ -27,16 +27,11 @@ the X-Token rules, which would push the student to spell "####" as four "#".  El
 
     python -m pytest tests/test_xtoken.py -q
 """
-from __future__ import annotations
 
-from typing import Literal
+from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from mmdistill.objectives.registered import ObjectiveBatch, _Divergence
-from mmdistill.registry import OBJECTIVES
-from mmdistill.stepdist import TopKCategorical
 
 
 def projection_from_strings(
@@ -64,14 +59,18 @@ def projection_from_strings(
         elif s in by_string:
             targets = by_string[s]
         else:
-            targets = next((by_string[s[:n]] for n in range(min(len(s) - 1, longest), 0, -1) if s[:n] in by_string), None)
+            targets = next(
+                (by_string[s[:n]] for n in range(min(len(s) - 1, longest), 0, -1) if s[:n] in by_string), None
+            )
             if targets is None:
                 targets = [] if fallback_id is None else [fallback_id]
         for v in targets:
             rows.append(u), cols.append(v), vals.append(1.0 / len(targets))
     W = torch.sparse_coo_tensor(
-        torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1), torch.tensor(vals, dtype=torch.float32),
-        (len(teacher_strings_Vt), len(student_strings_Vs)), check_invariants=True,
+        torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+        torch.tensor(vals, dtype=torch.float32),
+        (len(teacher_strings_Vt), len(student_strings_Vs)),
+        check_invariants=True,
     )
     return W.coalesce()
 
@@ -92,7 +91,9 @@ def project_probs(teacher_logp_N_Vt: Tensor, W_Vt_Vs: Tensor) -> Tensor:
     return p_N_Vs.index_add_(1, v_E, p_N_Vt[:, u_E] * W.values().to(dtype))
 
 
-def move_span_mass(p_N_Vs: Tensor, W_Vt_Vs: Tensor, span_p_N: Tensor, first_teacher_N: Tensor, student_token_N: Tensor) -> Tensor:
+def move_span_mass(
+    p_N_Vs: Tensor, W_Vt_Vs: Tensor, span_p_N: Tensor, first_teacher_N: Tensor, student_token_N: Tensor
+) -> Tensor:
     """Give a realised student token that spans several teacher tokens its exact teacher probability.
 
     W cannot express a student token longer than every teacher token ("####" under a character
@@ -121,44 +122,3 @@ def smoothed_log(p_N_Vs: Tensor, smoothing: float = 0.0) -> Tensor:
 def project_logp(teacher_logp_N_Vt: Tensor, W_Vt_Vs: Tensor, smoothing: float = 0.0) -> Tensor:
     """Student-vocabulary log-probs `[N, Vs]` of `(1 - smoothing) P_T W + smoothing / Vs` (the P-KL target)."""
     return smoothed_log(project_probs(teacher_logp_N_Vt, W_Vt_Vs), smoothing)
-
-
-def shrink_topk(topk_idx_N_K: Tensor, topk_logp_N_K: Tensor, tail_logp_N: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep the first k of a sorted top-K (k <= K) and fold the rest into the tail bucket."""
-    if k >= topk_idx_N_K.shape[-1]:
-        return topk_idx_N_K, topk_logp_N_K, tail_logp_N
-    rest_N = torch.logsumexp(topk_logp_N_K[:, k:], dim=-1)
-    return topk_idx_N_K[:, :k], topk_logp_N_K[:, :k], torch.logaddexp(tail_logp_N, rest_N)
-
-
-def _masked_mean(x_B_T: Tensor, mask_B_T: Tensor) -> float:
-    return float((x_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1))
-
-
-@OBJECTIVES.register("xtoken_kl")
-class XTokenKL(_Divergence):
-    """X-Token P-KL: generalized JSD(beta) between the student and the teacher's distribution
-    projected onto the student's vocabulary (beta 1 reverse KL, 0 forward KL).  The teacher is a
-    `cross_tokenizer: true` model; with a same-tokenizer teacher this is the plain divergence.
-    `topk`: compare on the projected teacher's top-k student tokens plus one tail bucket."""
-
-    def __init__(
-        self, beta: float = 1.0, source: Literal["student", "dataset"] = "student", topk: int | None = None, temperature: float = 1.0
-    ):
-        super().__init__(beta, source, topk, temperature)
-
-    def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
-        teacher = b.teacher
-        if self.topk and isinstance(teacher, TopKCategorical):
-            teacher = TopKCategorical(*shrink_topk(teacher.topk_idx_N_K, teacher.topk_logp_N_K, teacher.tail_logp_N, self.topk), teacher.mask_B_T)
-        elif self.topk:
-            teacher = teacher.topk(self.topk)
-        mask_B_T = b.rollout.mask_B_T
-        d_B_T = b.student.divergence(teacher, beta=self.beta)
-        loss = (d_B_T * mask_B_T).sum() / b.normalizer
-        metrics = {"divergence": _masked_mean(d_B_T.detach(), mask_B_T)}
-        for key, attr in (("xtoken_exact", "exact_B_T"), ("xtoken_span", "span_B_T")):
-            flags_B_T = getattr(b.teacher, attr, None)  # share of steps aligned exactly / given their span's probability
-            if flags_B_T is not None:
-                metrics[key] = _masked_mean(flags_B_T.to(mask_B_T.dtype), mask_B_T)
-        return loss, metrics

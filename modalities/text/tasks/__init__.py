@@ -11,11 +11,13 @@ Tasks are built from plain keyword arguments, so a YAML block such as
 
     python -c "from mmdistill.modalities.text.tasks import ArithTask; print(ArithTask(difficulty=2).problems('test', 2))"
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 SPLITS = ("train", "test")
 
@@ -29,12 +31,21 @@ class Problem:
     solution: str  # full target completion, ending with the line "#### <answer>"
     meta: dict = field(default_factory=dict, hash=False)  # difficulty, split, source line, ...
 
+    def dataset_ids(self, tokenizer: Any) -> list[int]:
+        """The gold completion as token ids, then the end token (a `source: dataset` rollout)."""
+        return tokenizer(self.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
 
 @runtime_checkable
 class TextTask(Protocol):
-    """What a text task can do; any object with these three methods is a task."""
+    """What a text task can do: the core's `Task` (problems, sample_train, summary) plus a verifier
+    and a vocabulary; any object with these methods is a text task."""
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]: ...
+
+    def sample_train(self, rng: random.Random) -> Problem: ...
+
+    def summary(self) -> str: ...
 
     def reward(self, problem: Problem, completion: str) -> float: ...
 

@@ -13,10 +13,13 @@ are enumerated; large ones are sampled uniformly (exact counting table) and filt
 
     python -c "from mmdistill.modalities.text.tasks.arith import ArithTask; t = ArithTask(difficulty=2); print(*t.problems('test', 3), sep='\\n')"
 """
+
 from __future__ import annotations
 
 import hashlib
 import random
+
+from mmdistill.registry import TASKS
 
 from . import Problem, check_split, draw
 from .verify import is_correct
@@ -60,6 +63,7 @@ def evaluate(equation: Equation) -> list[int]:
     return values
 
 
+@TASKS.register("arith")
 class ArithTask:
     """Arithmetic word problems with `difficulty` operations drawn from `ops` ("+", "-")."""
 
@@ -255,6 +259,10 @@ class ArithTask:
 
     def reward(self, problem: Problem, completion: str) -> float:
         return 1.0 if is_correct(completion, problem.answer) else 0.0
+
+    def summary(self) -> str:
+        """Nothing printed at the start of a run (the task's keys are in the config)."""
+        return ""
 
     def vocabulary(self) -> list[str]:
         """Every word of the templates, the digits 0-9 and each punctuation character, sorted."""

@@ -16,12 +16,15 @@ Without `test_path`, a fixed sha256 of the question text puts each line in train
     printf '{"question": "1+1?", "answer": "#### 2"}\nnot json\n' > /tmp/q.jsonl
     python -c "from mmdistill.modalities.text.tasks.jsonl_math import JsonlMathTask; print(JsonlMathTask('/tmp/q.jsonl').summary())"
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import random
+
+from mmdistill.registry import TASKS
 
 from . import Problem, check_split, draw
 from .verify import extract_answer, is_correct, last_boxed
@@ -58,6 +61,7 @@ def gold_and_solution(answer_text: str) -> tuple[str | None, str, str]:
     return gold, solution, ""
 
 
+@TASKS.register("jsonl_math")
 class JsonlMathTask:
     """Question/answer pairs read from JSONL; train/test from `test_path` or a hash of the question."""
 

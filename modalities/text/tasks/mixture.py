@@ -9,21 +9,24 @@ problems are the tasks' own, `n` split evenly, so every task is measured on its 
 
     python -c "from mmdistill.modalities.text.tasks.mixture import MixtureTask; t = MixtureTask({'a': {'type': 'arith'}}); print(t.problems('test', 2))"
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
 from typing import Any
 
+from mmdistill.registry import TASKS
+from mmdistill.train import build_task
+
 from . import Problem, check_split
 
 
+@TASKS.register("mixture")
 class MixtureTask:
     """Problems from several tasks, each tagged with its task's name."""
 
     def __init__(self, tasks: dict[str, dict[str, Any]], weights: dict[str, float] | None = None):
-        from mmdistill.train import build_task
-
         if not tasks:
             raise ValueError("task.tasks is empty; give {tag: task spec}, e.g. {add: {type: arith, ops: '+'}}")
         self.tasks = {tag: build_task(spec) for tag, spec in tasks.items()}
@@ -49,8 +52,7 @@ class MixtureTask:
     def sample_train(self, rng: random.Random) -> Problem:
         tag = rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
         task = self.tasks[tag]
-        p = task.sample_train(rng) if hasattr(task, "sample_train") else rng.choice(task.problems("train"))
-        return self._tagged(p, tag)
+        return self._tagged(task.sample_train(rng), tag)
 
     def reward(self, problem: Problem, completion: str) -> float:
         tag = problem.meta.get("tag")

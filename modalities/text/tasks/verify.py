@@ -13,6 +13,7 @@ be equal.
 
     python -c "from mmdistill.modalities.text.tasks.verify import is_correct; print(is_correct(r'so \boxed{\frac{1}{2}}', '0.5'))"
 """
+
 from __future__ import annotations
 
 import re
@@ -20,9 +21,7 @@ from fractions import Fraction
 
 # A number as written in prose: -12, 1,234, 3.5, .5, 3/4. The look-behind keeps "12-4" from
 # reading as "-4" and "x2" from reading as "2".
-_NUMBER = re.compile(
-    r"(?<![\w.])-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:/\d+)?"
-)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _FRAC_ARG = r"(?:\{([^{}]+)\}|(\d))"

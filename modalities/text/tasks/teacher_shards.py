@@ -1,0 +1,101 @@
+"""The `teacher_shards` task: training problems are a teacher's stored completions (Lightning OPD's
+precomputed shards, `modalities/text/shards.py`); evaluation, rewards and vocabulary come from the
+underlying task.
+
+    task: {type: teacher_shards, shards: runs/lightning_opd/teacher_logprobs/shards, task: {type: arith, difficulty: 2}}
+
+With `objective: {source: dataset}` the rollout is the stored completions themselves (token ids as
+the teacher wrote them); a `kind: stored_logits` teacher over the same shards scores them.  The
+shards are read (and checked against the manifest) on first use, so a precompute stage earlier in
+the same run may write them.
+
+    python -m pytest tests/test_lightning.py -q
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmdistill.errors import ConfigError
+from mmdistill.modalities.text import shards
+from mmdistill.modalities.text.tasks import check_split, draw
+from mmdistill.registry import TASKS
+from mmdistill.train import build_task
+
+
+@dataclass(frozen=True, eq=False)
+class ShardProblem:
+    """A training problem read from the shards: the prompt and the teacher's completion token ids."""
+
+    question: str
+    answer: str
+    solution: str
+    completion_ids: np.ndarray  # [T] int32, ends with the end token unless cut at max_new_tokens
+    meta: dict = field(default_factory=dict)  # "key" (the sample's key in the shards), "teacher_reward"
+
+    def dataset_ids(self, tokenizer: Any) -> np.ndarray:
+        """The stored completion as written by the teacher (a `source: dataset` rollout)."""
+        return self.completion_ids
+
+
+@TASKS.register("teacher_shards")
+class TeacherShardsTask:
+    """Training problems from precomputed teacher shards; evaluation, rewards and vocabulary from
+    the underlying `task`."""
+
+    def __init__(self, shards: str, task: dict[str, Any]):
+        if not isinstance(task, dict) or "type" not in task:
+            raise ConfigError("task.task: give the underlying task's spec, e.g. {type: arith, difficulty: 2}")
+        if task["type"] == "teacher_shards":
+            raise ConfigError("task.task.type: the underlying task of teacher_shards cannot itself be teacher_shards")
+        self.shards_dir = Path(shards)
+        self.spec = dict(task)
+        self.base = build_task(task)
+        self._manifest: dict | None = None
+        self._train: list[ShardProblem] | None = None
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = shards.read_manifest(self.shards_dir, "task.shards")
+        return self._manifest
+
+    def _load(self) -> list[ShardProblem]:
+        if self._train is None:
+            self._train = [
+                ShardProblem(
+                    meta["question"],
+                    meta.get("answer", ""),
+                    meta.get("solution", ""),
+                    arrays["completion_ids"],
+                    meta={"key": key, "teacher_reward": meta.get("teacher_reward")},
+                )
+                for key, meta, arrays in shards.read_samples(self.shards_dir, self.manifest())
+            ]
+        return self._train
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list:
+        check_split(split)
+        if split != "train":
+            return self.base.problems(split, n, seed=seed)
+        pool = self._load()
+        return list(pool) if n is None else draw(pool, n, random.Random(f"teacher_shards:{seed}"))
+
+    def sample_train(self, rng: random.Random) -> ShardProblem:
+        return rng.choice(self._load())
+
+    def reward(self, problem: Any, completion: str) -> float:
+        return self.base.reward(problem, completion)
+
+    def vocabulary(self) -> list[str]:
+        return self.base.vocabulary()
+
+    def summary(self) -> str:
+        return f"teacher shards in {self.shards_dir} over {self.base.summary() or repr(self.base)}"
+
+    def __repr__(self) -> str:
+        return f"TeacherShardsTask(shards={str(self.shards_dir)!r}, task={self.spec!r})"
