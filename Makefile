@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow clean
+.PHONY: install quickstart lint test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/mmdistill train configs/text/quickstart.yaml --overwrite
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 test-slow: $(STAMP)
