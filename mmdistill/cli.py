@@ -35,13 +35,18 @@ def _parse_task_args(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from mmdistill.config import load_config
     from mmdistill.pipeline import run_pipeline
+    from mmdistill.rundir import check_usable, claim, expand, read_marker, wipe
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
+        run_dir = expand(args.resume)
+        check_usable(run_dir)
+        if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
             raise MmdistillError(
-                f"--resume {run_dir}: no config.yaml there; give the run directory of an earlier `mmdistill train`"
+                f"--resume {run_dir}: not a run directory (no .mmdistill-run marker, no config.yaml); give the run "
+                "directory of an earlier `mmdistill train`"
             )
+        if not (run_dir / "config.yaml").is_file():
+            raise MmdistillError(f"--resume {run_dir}: the run never got as far as writing config.yaml; start it anew")
         if args.config is not None:
             args.overrides = [args.config, *args.overrides]  # `--resume DIR key=value`
         cfg = load_config(run_dir / "config.yaml", args.overrides)
@@ -53,23 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     overrides = list(args.overrides)
     if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
+        overrides.append(f"run_dir={json.dumps(args.run_dir)}")  # quoted: `--run-dir ~` is a path, not YAML null
     cfg = load_config(args.config, overrides)
-    run_dir = Path(cfg.run_dir)
-    if (run_dir / "config.yaml").exists() and not args.overwrite:
-        raise MmdistillError(
-            f"run directory {run_dir} already holds a run; continue it with `mmdistill train --resume {run_dir}`, "
-            "or pass --overwrite / a new run_dir=..."
-        )
-    if args.overwrite and run_dir.exists():
-        import shutil
-
-        if not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
-            raise MmdistillError(
-                f"--overwrite: {run_dir} is not an mmdistill run directory (no config.yaml); refusing to delete it"
-            )
-        shutil.rmtree(run_dir)
-    run_pipeline(cfg, quiet=args.quiet)
+    run_dir = expand(cfg.run_dir)
+    if args.overwrite:
+        removed = wipe(run_dir)
+        if removed and not args.quiet:
+            print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+    claim(run_dir, [st.name for st in cfg.stages], str(args.config))
+    run_pipeline(cfg, run_dir=run_dir, quiet=args.quiet)
     return 0
 
 
@@ -80,8 +77,9 @@ def _load_for_eval(args: argparse.Namespace):
     from mmdistill.config import ModelConfig, check_kwargs
     from mmdistill.pipeline import quiet_library_logs
     from mmdistill.registry import ADAPTERS, TASKS
+    from mmdistill.rundir import expand
 
-    path = Path(args.model).expanduser()
+    path = expand(args.model)
     owners = [(name, cls) for name, cls in ADAPTERS.items() if cls.claims_checkpoint(str(path))]
     if not owners:
         raise MmdistillError(
@@ -94,18 +92,19 @@ def _load_for_eval(args: argparse.Namespace):
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
     quiet_library_logs()
+    cfg = _eval_config(adapter_cls.spec, args)  # bad flags are refused before the model loads
     adapter = adapter_cls(adapter_cls.load_tokenizer(str(path)), device=device)
     adapter.bind(task)
-    return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task
+    return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task, cfg
 
 
-def _eval_config(adapter: Any, args: argparse.Namespace) -> Any:
+def _eval_config(spec: Any, args: argparse.Namespace) -> Any:
     """The adapter's eval config from the command-line flags it has (the others do not apply to it)."""
     import dataclasses
 
     from mmdistill.errors import ConfigError
 
-    cls = adapter.spec.eval_config
+    cls = spec.eval_config
     given = {f.name: vars(args)[f.name] for f in dataclasses.fields(cls) if vars(args).get(f.name) is not None}
     try:
         return cls(**given)
@@ -117,8 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmdistill.report import headline
     from mmdistill.train import evaluate
 
-    adapter, model, task = _load_for_eval(args)
-    cfg = _eval_config(adapter, args)
+    adapter, model, task, cfg = _load_for_eval(args)
     res = evaluate(adapter, model, task, cfg, seed=args.seed, out_dir=Path(args.grid_dir) if args.grid_dir else None)
     if args.json:
         print(json.dumps(res, indent=1))
@@ -130,9 +128,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from mmdistill.train import evaluate
 
-    adapter, model, task = _load_for_eval(args)
     args.batch_size = args.n
-    res = evaluate(adapter, model, task, _eval_config(adapter, args), seed=args.seed, show=args.n)
+    adapter, model, task, cfg = _load_for_eval(args)
+    res = evaluate(adapter, model, task, cfg, seed=args.seed, show=args.n)
     for sample in res.get("samples", []):
         print("\n".join(f"{k}: {v}" for k, v in sample.items()) + "\n")
     return 0
@@ -314,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may also follow a flag (`train cfg.yaml --overwrite train.steps=5`)
+    if extra and "overrides" in vars(args) and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except MmdistillError as e:

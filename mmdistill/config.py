@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import types
 import typing
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from mmdistill.errors import ConfigError
+from mmdistill.rundir import expand
 
 # ----------------------------------------------------------------------------- schema
 
@@ -67,9 +69,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
-    device: str | None = (
-        None  # e.g. "cuda:1": keep this (teacher) model on another device; scores are moved to the student's
-    )
+    # e.g. "cuda:1": keep this (teacher) model on another device; scores are moved to the student's
+    device: str | None = None
     kind: str = "checkpoint"  # or a teacher kind of the adapter (AdapterSpec.model_kinds), e.g. cross_tokenizer
     options: dict[str, Any] = field(default_factory=dict)  # options of that kind, checked by the adapter
 
@@ -94,20 +95,18 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     max_grad_norm: float | None = 1.0
-    updates_per_rollout: int = (
-        1  # optimizer steps on each rollout batch (PPO-style reuse; clipped objectives stay valid)
-    )
+    # optimizer steps on each rollout batch (PPO-style reuse; clipped objectives stay valid)
+    updates_per_rollout: int = 1
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
-    stop_at: dict[str, float] = field(
-        default_factory=dict
-    )  # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
+    # early stop: {eval metric: target}, e.g. {position_reward: 0.4}
+    stop_at: dict[str, float] = field(default_factory=dict)
     min_lr_ratio: float = 0.0  # cosine / linear schedules decay to lr * min_lr_ratio
     save_every: int = 50
     chunk_size: int = 1024  # rows of logits materialised at once in divergences
-    teacher_batch_size: int | None = (
-        None  # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
-    )
+    # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
+    teacher_batch_size: int | None = None
+    max_nonfinite_steps: int = 5  # optimizer steps in a row with a NaN / inf loss or gradient before the run stops
 
 
 @dataclass
@@ -174,6 +173,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, a, path)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # `float | None` and the like: the one real type's own message says more
+            raise errors[0]
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}; fix the value of '{path}'")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -199,6 +200,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}; write e.g. {path}=0.001")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value!r} is not a finite number; write a finite value, e.g. {path}=0.001")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -251,7 +254,15 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         if key not in names:
             raise _unknown_key(str(key), names, path)
         kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
-    return cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in kwargs:
+            where = f"{path}.{f.name}" if path else f.name
+            raise ConfigError(f"{where}: missing; this section needs it, e.g. {where}=...")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a range check in the dataclass's __post_init__ names its bare key
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
 
 
 def check_kwargs(fn: Any, kwargs: dict, path: str) -> dict:
@@ -305,7 +316,10 @@ def apply_override(raw: dict, dotted: str) -> None:
         node = node[part]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
-    node[parts[-1]] = _parse_scalar(text)
+    value = _parse_scalar(text)
+    if value is None and text.strip() == "~" and parts[-1].endswith(("dir", "path")):
+        value = "~"  # `run_dir=~` is the home directory, not YAML's null
+    node[parts[-1]] = value
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -347,7 +361,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Read YAML, apply overrides, validate everything; raise ConfigError on any problem."""
     p = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8-sig")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: byte {e.start} is not UTF-8 ({e.reason}); save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):
@@ -369,6 +385,8 @@ def _resolve_relative_paths(raw: dict, config_dir: Path) -> None:
             continue
         for key in ("path", "test_path"):
             v = t.get(key)
+            if isinstance(v, str):
+                v = t[key] = str(expand(v))
             if isinstance(v, str) and not Path(v).is_absolute() and not Path(v).exists():
                 for base in (config_dir, root.parent if root.name == "configs" else None):
                     if base is not None and (base / v).exists():
@@ -380,6 +398,9 @@ def config_from_raw(raw: dict) -> RunConfig:
     raw = normalise(raw)
     stages = raw.pop("stages")
     cfg = from_dict(RunConfig, raw)
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir: empty; give a directory for the run's outputs, e.g. run_dir=runs/NAME")
+    cfg.run_dir = str(expand(cfg.run_dir))
     # stage paths read as the override that would fix them: stages.NAME.train.steps
     cfg.stages = [
         from_dict(StageConfig, s, f"stages.{s.get('name', 'train') if isinstance(s.get('name', 'train'), str) else i}")
@@ -391,7 +412,7 @@ def config_from_raw(raw: dict) -> RunConfig:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A path on disk, or one inside the packaged configs (`configs/text/quickstart.yaml`)."""
-    p = Path(path).expanduser()
+    p = expand(path)
     if p.is_dir():
         raise ConfigError(
             f"'{path}' is a directory; give a YAML config file (to continue a run: mmdistill train --resume {path})"
@@ -448,8 +469,8 @@ def validate(cfg: RunConfig) -> None:
                 )
         if m.prune is not None and not m.prune.keep_layers:
             raise ConfigError(f"models.{name}.prune.keep_layers: empty; list the decoder layers to keep, e.g. [0, 3]")
-        if m.path is not None and m.path.startswith("~"):
-            m.path = str(Path(m.path).expanduser())
+        if m.path is not None:
+            m.path = str(expand(m.path))
         if m.kind in spec.model_options:  # a teacher kind's options, checked before any compute
             m.options = dataclasses.asdict(_section(spec.model_options[m.kind], m.options, f"models.{name}.options"))
         elif m.options:
@@ -458,6 +479,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"models.{name}.path: checkpoint '{m.path}' does not exist; fix the path or train it first"
             )
+    if cfg.tokenizer.path is not None:
+        cfg.tokenizer.path = str(expand(cfg.tokenizer.path))
     if cfg.tokenizer.path is not None and _looks_local(cfg.tokenizer.path) and not Path(cfg.tokenizer.path).exists():
         raise ConfigError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist; fix the path")
     seen: list[str] = []
@@ -536,6 +559,8 @@ def _validate_train_stage(
     otype = obj.pop("type", None)
     if otype is None:
         raise ConfigError(f"{where}.objective.type: missing; choose one of {', '.join(OBJECTIVES.names())}")
+    if not isinstance(otype, str):
+        raise ConfigError(f"{where}.objective.type: expected a name, got {otype!r}; choose one of {', '.join(OBJECTIVES.names())}")
     if otype not in OBJECTIVES:
         if f"objective:{otype}" in RENAMED:
             raise ConfigError(
@@ -594,6 +619,7 @@ def _check_train_keys(st: StageConfig, where: str) -> None:
         ("log_every", 1),
         ("chunk_size", 1),
         ("teacher_batch_size", 1),
+        ("max_nonfinite_steps", 1),
         ("updates_per_rollout", 1),
         ("save_every", 0),
         ("eval_every", 0),
@@ -619,7 +645,7 @@ def _check_train_keys(st: StageConfig, where: str) -> None:
 def _check_task(task: dict, where: str, TASKS: Any) -> None:
     args = dict(task)
     ttype = args.pop("type", None)
-    if ttype not in TASKS:
+    if not isinstance(ttype, str) or ttype not in TASKS:
         raise ConfigError(f"{where}.type: unknown task {ttype!r}; known: {', '.join(TASKS.names())}")
     check_kwargs(TASKS.get(ttype), args, where)
     if "path" in args and not Path(args["path"]).exists():

@@ -18,6 +18,7 @@ from mmdistill.checkpoint import atomic_dir, atomic_write_text
 from mmdistill.config import RunConfig, save_resolved
 from mmdistill.registry import ADAPTERS, STAGE_KINDS
 from mmdistill.report import build_report, plot_report, print_table
+from mmdistill.rundir import claim, expand, mark_running, read_marker
 from mmdistill.train import RunContext, build_task
 
 
@@ -47,8 +48,10 @@ def quiet_library_logs() -> None:
 
 def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     quiet_library_logs()
-    run_dir = Path(run_dir or cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = expand(run_dir or cfg.run_dir)
+    names = [st.name for st in cfg.stages]
+    if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
+        claim(run_dir, names, None)  # a fresh run (the CLI claims before it calls this)
     save_resolved(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     acc = make_accelerator(cfg.device)
@@ -72,6 +75,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
     adapter.bind(task)  # adapters whose models depend on the task (the environment's sizes)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)
 
+    mark_running(run_dir, names)  # from here on the directory holds a run to resume
     t0 = time.time()
     for st in cfg.stages:
         result_path = run_dir / st.name / "result.json"

@@ -217,6 +217,7 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     # policy-gradient objectives score at the sampling temperature (ratios against behaviour log-probs)
     score_temperature = rc.temperature if needs.sampled_actions else objective.temperature
     autocast = torch.autocast(adapter.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    skipped = bad_in_row = 0
     t0 = time.time()
     bar = tqdm(
         range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=ctx.quiet, dynamic_ncols=True
@@ -245,6 +246,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= rollout.batch_size > micro:
             with autocast, torch.no_grad():
                 teacher_all = adapter.step_dist(teacher, rollout.teacher_view(), temperature=score_temperature)
+        # a NaN / inf loss or gradient: the step is skipped, counted, and the run stops after N in a row
+        nonfinite = False
         for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
             for i in range(0, rollout.batch_size, micro):
                 mb = rollout.select(slice(i, i + micro))
@@ -267,6 +270,9 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                     loss, metrics = objective(
                         ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist)
                     )
+                if not torch.isfinite(loss.detach()):
+                    nonfinite = True
+                    break
                 acc.backward(loss)
                 if update == 0:
                     loss_total += float(loss.detach())
@@ -274,13 +280,33 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                     metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}  # e.g. the student's entropy
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + w * float(v)
-            grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+            grad_norm = None
+            if not nonfinite and tc.max_grad_norm:
+                grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm)
+                nonfinite = not math.isfinite(float(grad_norm))
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                grad_norm = None
+                break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if nonfinite:
+            skipped += 1
+            bad_in_row += 1
+            if bad_in_row >= tc.max_nonfinite_steps:
+                raise MmdistillError(
+                    f"stages.{st.name}: the loss or gradient was NaN or inf on {bad_in_row} optimizer steps in a row "
+                    f"(the last at step {step + 1}; {skipped} skipped in all); lower train.lr (now {tc.lr}) or check the "
+                    "data and the teacher; resume with `mmdistill train --resume` once fixed"
+                )
+        else:
+            bad_in_row = 0
 
         # 5. metrics, eval, checkpoint
         record: dict[str, Any] = {"step": step + 1, "loss": loss_total, **sums, "lr": scheduler.get_last_lr()[0]}
+        if skipped:
+            record["nonfinite_skipped"] = skipped
         if rollout.rewards_B is not None and source != "dataset":
             record[f"{source}_reward"] = float(rollout.rewards_B.mean())
         record["tokens_per_seq"] = normalizer / rollout.batch_size

@@ -83,7 +83,7 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
 
 def test_resume_without_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
-    assert "no config.yaml there" in capsys.readouterr().err
+    assert "not a run directory" in capsys.readouterr().err
 
 
 def test_existing_run_dir_is_not_clobbered(tiny_raw, tmp_path, capsys):

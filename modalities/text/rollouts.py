@@ -26,9 +26,8 @@ class Context:
     questions: list[str]
     prompt_len: int  # P: prompts are left-padded to this length
     tags: list[str | None] | None = None  # each problem's routing tag (problem.meta["tag"]), for multi-teacher routing
-    keys: list[str | None] | None = (
-        None  # each problem's stored-sample key (problem.meta["key"]), for stored-logits teachers
-    )
+    # each problem's stored-sample key (problem.meta["key"]), for stored-logits teachers
+    keys: list[str | None] | None = None
 
 
 def cat_rollouts(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
