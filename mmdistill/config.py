@@ -560,7 +560,9 @@ def _validate_train_stage(
     if otype is None:
         raise ConfigError(f"{where}.objective.type: missing; choose one of {', '.join(OBJECTIVES.names())}")
     if not isinstance(otype, str):
-        raise ConfigError(f"{where}.objective.type: expected a name, got {otype!r}; choose one of {', '.join(OBJECTIVES.names())}")
+        raise ConfigError(
+            f"{where}.objective.type: expected a name, got {otype!r}; choose one of {', '.join(OBJECTIVES.names())}"
+        )
     if otype not in OBJECTIVES:
         if f"objective:{otype}" in RENAMED:
             raise ConfigError(

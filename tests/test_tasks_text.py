@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from mmdistill.errors import ConfigError
 from mmdistill.modalities.text.tasks import (
     ArithTask,
     JsonlMathTask,
@@ -21,6 +22,7 @@ from mmdistill.modalities.text.tasks import (
     is_correct,
 )
 from mmdistill.modalities.text.tasks.arith import equation_split, evaluate
+from mmdistill.modalities.text.tokenizer import build_word_tokenizer, pre_tokenize, unk_coverage
 
 _TOKEN = re.compile(r"[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]")  # words, single digits, single symbols
 _STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+) \.")
@@ -75,12 +77,16 @@ def test_arith_large_samples_are_disjoint(difficulty, n_train, n_test):
     assert all(len(eq) == 1 + 2 * difficulty for eq in train + test)
 
 
-def test_arith_test_split_without_replacement():
+def test_arith_test_split_without_replacement(capsys):
     task = ArithTask(difficulty=1, max_value=20)
     exact = equations(task.problems("test", 83))
     assert sorted(exact) == sorted(set(equations(task.problems("test"))))
-    more = equations(task.problems("test", 100))  # beyond the split: every equation at least once
-    assert set(more) == set(exact) and len(more) == 100
+    assert capsys.readouterr().err == ""
+    more = equations(task.problems("test", 100))  # beyond the split: the whole split, each equation once
+    assert sorted(more) == sorted(exact)
+    err = capsys.readouterr().err
+    assert "note: the test split of ArithTask(difficulty=1" in err and "has 83 problems; asked for 100" in err
+    assert err.count("\n") == 1
 
 
 def test_arith_test_split_without_replacement_in_a_sampled_space():
@@ -91,7 +97,7 @@ def test_arith_test_split_without_replacement_in_a_sampled_space():
 
 
 def test_arith_whole_split_of_a_large_space_needs_n():
-    with pytest.raises(ValueError, match="pass n"):
+    with pytest.raises(ConfigError, match="pass n"):
         ArithTask(difficulty=3).problems("test")
 
 
@@ -161,17 +167,32 @@ def test_arith_vocabulary_covers_every_token():
         tokens = set(_TOKEN.findall(p.question + " " + p.solution))
         assert tokens <= vocab, tokens - vocab
     assert len(vocab) < 80
+    # every entry is one piece of the word tokenizer's own pre-tokenizer, and the tokenizer spells every text
+    assert all(pre_tokenize(word) == [word] for word in vocab)
+    cov = unk_coverage(build_word_tokenizer(task.vocabulary()), task.texts(400))
+    assert (cov.unit, cov.unk, cov.texts) == ("words", 0, 800) and cov.total > 10_000
+
+
+def test_arith_texts_are_fixed_and_from_both_sides():
+    task = ArithTask(difficulty=2, max_value=9)
+    texts = task.texts(10)
+    assert len(texts) == 20 and texts == ArithTask(difficulty=2, max_value=9).texts(10)
+    assert all("####" in t for t in texts[1::2]) and all(t.endswith("?") for t in texts[0::2])
 
 
 def test_arith_bad_config_is_explained():
-    with pytest.raises(ValueError, match="task.difficulty"):
+    with pytest.raises(ConfigError, match="task.difficulty"):
         ArithTask(difficulty=5)
-    with pytest.raises(ValueError, match="task.ops"):
+    with pytest.raises(ConfigError, match="task.ops"):
         ArithTask(ops="*")
-    with pytest.raises(ValueError, match="task.max_value"):
+    with pytest.raises(ConfigError, match="task.max_value"):
         ArithTask(difficulty=2, max_value=1, ops="+")  # 1 + 1 + 1 > cap 2: no equation fits
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ConfigError, match="task.test_fraction"):
+        ArithTask(test_fraction=float("nan"))
+    with pytest.raises(ConfigError, match="split"):
         ArithTask().problems("validation")
+    with pytest.raises(ConfigError, match="n=-1"):
+        ArithTask().problems("test", -1)
 
 
 def test_tasks_follow_the_protocol_and_problems_hash():
@@ -295,7 +316,7 @@ def write_jsonl(path, lines):
 
 
 def test_jsonl_counts_malformed_lines_and_keeps_good_ones(tmp_path):
-    task = JsonlMathTask(write_jsonl(tmp_path / "mix.jsonl", GOOD_AND_BAD), test_fraction=0.0)
+    task = JsonlMathTask(write_jsonl(tmp_path / "mix.jsonl", GOOD_AND_BAD), test_fraction=1.0)
     assert isinstance(task, TextTask)
     stats = task.stats
     assert (stats["total_lines"], stats["loaded"], stats["malformed"]) == (10, 3, 7)
@@ -308,7 +329,7 @@ def test_jsonl_counts_malformed_lines_and_keeps_good_ones(tmp_path):
     assert "expected an object" in reasons[4]
     assert "loaded 3 of 10 lines" in task.summary() and "skipped 7 malformed" in task.summary()
 
-    train = task.problems("train")
+    train = task.problems("test")  # test_fraction=1: every problem is held out
     assert [p.answer for p in train] == ["7", "\\frac{1}{2}", "42"]
     assert [p.meta["line"] for p in train] == [1, 7, 8]
     assert [p.solution for p in train] == [
@@ -316,13 +337,17 @@ def test_jsonl_counts_malformed_lines_and_keeps_good_ones(tmp_path):
         "It is $\\boxed{\\frac{1}{2}}$.\n#### \\frac{1}{2}",
         "#### 42",
     ]
-    assert task.problems("test") == []
+    with pytest.raises(ConfigError, match="test_fraction=1 holds out every problem"):
+        task.problems("train")
+    with pytest.raises(ConfigError, match="the train split .* is empty"):
+        task.sample_train(random.Random(0))
     for p in train:
         assert task.reward(p, p.solution) == 1.0
     assert task.reward(train[0], "#### 8") == 0.0
     assert task.reward(train[1], "it is 0.5 so #### 0.5") == 1.0
     vocab = set(task.vocabulary())
-    assert {"Tom", "####", "#", "7", "?"} <= vocab
+    assert {"Tom", "####", "7", "?"} <= vocab
+    assert "more." not in vocab and "more" in vocab, "words are split as the tokenizer splits them"
 
 
 def test_jsonl_hash_split_is_deterministic(tmp_path):
@@ -353,11 +378,12 @@ def test_jsonl_separate_test_file_and_custom_keys(tmp_path):
 
 def test_jsonl_missing_file_and_wrong_keys_are_explained(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match="task.path") as err:
+    with pytest.raises(ConfigError, match="task.path") as err:
         JsonlMathTask(missing)
     assert missing in str(err.value)
     good = write_jsonl(tmp_path / "ok.jsonl", GOOD_AND_BAD[:1])
-    with pytest.raises(FileNotFoundError, match="task.test_path"):
+    with pytest.raises(ConfigError, match="task.test_path"):
         JsonlMathTask(good, test_path=missing)
-    with pytest.raises(ValueError, match="task.question_key='problem'"):
+    with pytest.raises(ConfigError, match="task.question_key='problem' is not a key") as err:
         JsonlMathTask(good, question_key="problem")
+    assert "['question', 'answer']" in str(err.value) and "set task.question_key=question" in str(err.value)

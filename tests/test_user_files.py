@@ -1,6 +1,6 @@
 """No user file is ever lost or written into, and bad input is one line with exit 2.
 
-    python -m pytest tests/test_user_files.py -q
+python -m pytest tests/test_user_files.py -q
 """
 
 from __future__ import annotations
