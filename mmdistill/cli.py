@@ -35,7 +35,7 @@ def _parse_task_args(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from mmdistill.config import load_config
     from mmdistill.pipeline import run_pipeline
-    from mmdistill.rundir import check_usable, claim, expand, read_marker, wipe
+    from mmdistill.rundir import check_usable, claim_check, expand, read_marker, wipe
 
     if args.resume:
         run_dir = expand(args.resume)
@@ -65,14 +65,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         removed = wipe(run_dir)
         if removed and not args.quiet:
             print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
-    claim(run_dir, [st.name for st in cfg.stages], str(args.config))
-    run_pipeline(cfg, run_dir=run_dir, quiet=args.quiet)
+    claim_check(run_dir)  # refused before any compute; run_pipeline claims it once the tasks have loaded
+    run_pipeline(cfg, run_dir=run_dir, quiet=args.quiet, config_path=str(args.config))
     return 0
 
 
 def _load_for_eval(args: argparse.Namespace):
     """The adapter that claims the checkpoint directory, the model, and the task to evaluate it on."""
-    import torch
 
     from mmdistill.config import ModelConfig, check_kwargs
     from mmdistill.pipeline import quiet_library_logs
@@ -90,7 +89,7 @@ def _load_for_eval(args: argparse.Namespace):
     task_name = args.task or adapter_cls.spec.default_task
     task_cls = TASKS.get(task_name)
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
-    device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
+    device = _device(args.device)
     quiet_library_logs()
     cfg = _eval_config(adapter_cls.spec, args)  # bad flags are refused before the model loads
     adapter = adapter_cls(adapter_cls.load_tokenizer(str(path)), device=device)
@@ -116,12 +115,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmdistill.report import headline
     from mmdistill.train import evaluate
 
+    if args.harness:
+        return _eval_harness(args)
+
     adapter, model, task, cfg = _load_for_eval(args)
     res = evaluate(adapter, model, task, cfg, seed=args.seed, out_dir=Path(args.grid_dir) if args.grid_dir else None)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
         print(", ".join(f"{k} {v:.3f}" for k, v in headline(res).items()) + f" on {res['n']} {args.split} problems")
+    return 0
+
+
+def _device(flag: str) -> str:
+    import torch
+
+    return "cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+    """A saved checkpoint through an external evaluation harness (lm-eval): its own table, printed."""
+    from mmdistill.registry import HARNESSES
+    from mmdistill.rundir import expand
+
+    if not args.harness_tasks:
+        raise MmdistillError(
+            "--harness needs --harness-tasks T1,T2 (task names of the harness, or of --harness-include)"
+        )
+    if args.harness not in HARNESSES:
+        raise MmdistillError(
+            f"--harness: unknown harness '{args.harness}'; known: {', '.join(HARNESSES.names()) or '(none)'}"
+        )
+    path = expand(args.model)
+    if not (path / "config.json").is_file():
+        raise MmdistillError(
+            f"--harness: '{path}' is not a saved transformers checkpoint (no config.json); give a stage's final"
+        )
+    include = str(expand(args.harness_include)) if args.harness_include else None
+    result = HARNESSES.get(args.harness)(
+        model_dir=str(path),
+        tasks=[t.strip() for t in args.harness_tasks.split(",") if t.strip()],
+        include_path=include,
+        limit=args.n,
+        device="cpu" if args.device == "auto" else args.device,
+        batch_size=args.batch_size,
+        out_dir=None,
+    )
+    print(json.dumps(result.get("results", {}), indent=1) if args.json else result["table"])
     return 0
 
 
@@ -268,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--batch-size", type=int, default=200)
             e.add_argument("--json", action="store_true", help="print the full result as JSON")
             e.add_argument("--grid-dir", help="flow models: write a sample grid (eval.png) here")
+            e.add_argument("--harness", help="evaluate with an external harness instead (lm-eval); prints its table")
+            e.add_argument("--harness-tasks", help="the harness's task names, comma-separated (with --harness)")
+            e.add_argument("--harness-include", help="a folder of the harness's own task YAMLs (local tasks)")
         e.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="speed / memory benchmarks, written as JSON")

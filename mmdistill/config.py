@@ -123,7 +123,7 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Any = field(default_factory=dict)  # the adapter's own eval config (AdapterSpec.eval_config)
     evaluate: dict[str, str] = field(default_factory=dict)  # kind=eval: report key -> model ref
-    precompute: dict[str, Any] = field(default_factory=dict)  # options of a modality's stage kind (precompute)
+    options: dict[str, Any] = field(default_factory=dict)  # options of a modality's stage kind (precompute, harness)
 
 
 @dataclass
@@ -347,6 +347,8 @@ def normalise(raw: dict) -> dict:
     for i, s in enumerate(raw["stages"]):
         if not isinstance(s, dict):
             raise ConfigError(f"stages[{i}]: expected a mapping, got {s!r}")
+        if "precompute" in s and "options" not in s:  # the options section's earlier name
+            s = {("options" if k == "precompute" else k): v for k, v in s.items()}
         merged = _deep_merge({k: v for k, v in defaults.items()}, s)
         if "objective" in s and "objective" in defaults and isinstance(s["objective"], dict):
             # a stage that names another objective type does not inherit the default's keys
@@ -493,11 +495,16 @@ def validate(cfg: RunConfig) -> None:
         st.rollout = _section(spec.rollout_config, st.rollout, f"{where}.rollout")
         st.eval = _section(spec.eval_config, st.eval, f"{where}.eval")
         refs = list(cfg.models) + seen
-        if st.kind == "train":
+        kind = STAGE_KINDS.get(st.kind)
+        if kind.uses == "train":
             _validate_train_stage(cfg, st, refs, where, spec, OBJECTIVES)
             if st.task is not None:
                 _check_task(st.task, f"{where}.task", TASKS)
-        elif st.kind == "eval":
+        elif kind.uses == "evaluate":
+            if st.teacher is not None or st.teachers:
+                raise ConfigError(
+                    f"{where}.teacher: a {st.kind} stage evaluates the models of `evaluate:`; remove the teacher"
+                )
             _check_train_keys(st, where)
             if not st.evaluate:
                 raise ConfigError(
@@ -509,7 +516,7 @@ def validate(cfg: RunConfig) -> None:
                     raise ConfigError(
                         f"{where}.evaluate.{key}: '{ref}' is neither a model nor an earlier stage; choose one of {refs}"
                     )
-        else:  # a modality's stage kind (e.g. precompute) scores with at most one teacher
+        else:  # "teacher": a stage kind that scores with exactly one teacher (precompute)
             if st.teacher is None or st.teacher not in refs:
                 raise ConfigError(
                     f"{where}.teacher: a {st.kind} stage scores with one teacher; name a model or an earlier stage from {refs}"
@@ -517,6 +524,11 @@ def validate(cfg: RunConfig) -> None:
             _check_derived(cfg, st.teacher, refs, st.name)
             if st.task is not None:
                 _check_task(st.task, f"{where}.task", TASKS)
+        if kind.check is not None:
+            try:
+                kind.check(st)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e}") from None
         seen.append(st.name)
 
 

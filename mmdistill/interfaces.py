@@ -442,3 +442,19 @@ class Recorder(Protocol):
 
 # A stage kind runs one `stages[]` entry: `run(ctx, stage) -> result dict` (train, eval, precompute).
 StageRunner = Callable[[Any, Any], dict[str, Any]]
+
+
+@dataclass
+class StageKind:
+    """What a `stages[].kind` is, declared where it is registered (`STAGE_KINDS.register(name)(StageKind(...))`).
+
+    run:    run(ctx, stage) -> the stage's result dict (an "eval"-kind result has {"kind": "eval", "results": ...})
+    uses:   which references the config loader checks before any compute: "train" (student, teacher(s),
+            anchor, objective), "teacher" (exactly one teacher: precompute), "evaluate" (the report key ->
+            model map of `evaluate:`, no teacher)
+    check:  the kind's own check of the stage (its `options:`), called at config load; None for none
+    """
+
+    run: StageRunner
+    uses: Literal["train", "teacher", "evaluate"]
+    check: Callable[[Any], None] | None = None

@@ -46,23 +46,30 @@ def quiet_library_logs() -> None:
         pass
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_pipeline(
+    cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False, config_path: str | None = None
+) -> dict[str, Any]:
+    """Run (or resume) every stage of `cfg` in `run_dir`. Tasks and checkpoints are checked before the
+    directory is claimed, so a refused start leaves nothing behind."""
     quiet_library_logs()
     run_dir = expand(run_dir or cfg.run_dir)
     names = [st.name for st in cfg.stages]
-    if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
-        claim(run_dir, names, None)  # a fresh run (the CLI claims before it calls this)
-    save_resolved(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    acc = make_accelerator(cfg.device)
     task = build_task(cfg.task)
-    summary = task.summary()
-    if summary and not quiet:
-        print(f"[task] {summary}")
+    for st in cfg.stages:  # pre-flight: every stage's own task builds (its files, keys and splits)
+        if st.task is not None:
+            build_task(st.task)
     adapter_cls = ADAPTERS.get(cfg.adapter)
     for name, m in cfg.models.items():  # pre-flight: checkpoints are of the adapter's kind
         if m.path is not None and m.kind == "checkpoint":
             adapter_cls.check_checkpoint(m.path, name)
+    if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
+        claim(run_dir, names, config_path)  # a fresh run
+    save_resolved(cfg, run_dir / "config.yaml")
+    acc = make_accelerator(cfg.device)
+    summary = task.summary()
+    if summary and not quiet:
+        print(f"[task] {summary}")
     tokenizer = _run_tokenizer(cfg, adapter_cls, task, run_dir)
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
         if m.path is not None and m.kind == "checkpoint" and tokenizer is not None:
@@ -86,7 +93,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = Fals
             continue
         if not quiet:
             print(f"[{st.name}] {st.kind} stage starting")
-        result = STAGE_KINDS.get(st.kind)(ctx, st)
+        result = STAGE_KINDS.get(st.kind).run(ctx, st)
         atomic_write_text(result_path, json.dumps(result, indent=1))
         ctx.stage_results[st.name] = result
     report = build_report(ctx.stage_results, seconds=time.time() - t0)

@@ -51,6 +51,7 @@ OBJECTIVES = Registry("objective")
 ADAPTERS = Registry("adapter")
 TASKS = Registry("task")
 STAGE_KINDS = Registry("stage kind")  # `stages[].kind`: run(ctx, stage) -> result dict
+HARNESSES = Registry("harness")  # `mmdistill eval --harness NAME`: fn(model_dir=, tasks=, ...) -> {"table": str, ...}
 
 _loaded = False
 

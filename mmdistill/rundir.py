@@ -55,11 +55,8 @@ def check_usable(run_dir: Path) -> None:
         )
 
 
-def claim(run_dir: Path, names: list[str], config_path: str | None) -> dict[str, Any]:
-    """Make `run_dir` this run's own: create it (or take an empty one) and write the marker.
-
-    Raises a ConfigError, touching nothing, when the directory holds anything that is not a run
-    of mmdistill's own, or holds a run that already started its stages."""
+def claim_check(run_dir: Path) -> None:
+    """Raise a ConfigError, touching nothing, unless `claim(run_dir, ...)` would succeed."""
     run_dir = Path(run_dir)
     check_usable(run_dir)
     marker = read_marker(run_dir)
@@ -74,6 +71,16 @@ def claim(run_dir: Path, names: list[str], config_path: str | None) -> dict[str,
                 f"run directory {run_dir} already holds a run; continue it with `mmdistill train --resume {run_dir}`, "
                 "or pass --overwrite / a new run_dir=..."
             )
+
+
+def claim(run_dir: Path, names: list[str], config_path: str | None) -> dict[str, Any]:
+    """Make `run_dir` this run's own: create it (or take an empty one) and write the marker.
+
+    Raises a ConfigError, touching nothing, when the directory holds anything that is not a run
+    of mmdistill's own, or holds a run that already started its stages."""
+    run_dir = Path(run_dir)
+    claim_check(run_dir)
+    marker = read_marker(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = {
         "tool": "mmdistill",

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mmdistill.checkpoint import atomic_dir, latest_checkpoint, load_training_state, save_training_state
 from mmdistill.config import ModelConfig, RunConfig, StageConfig, check_kwargs
 from mmdistill.errors import CheckpointError, MmdistillError
-from mmdistill.interfaces import Adapter, Objective, ObjectiveBatch, Task
+from mmdistill.interfaces import Adapter, Objective, ObjectiveBatch, StageKind, Task
 from mmdistill.metrics import MetricsLogger, plot_curves
 from mmdistill.registry import OBJECTIVES, STAGE_KINDS, TASKS
 from mmdistill.report import headline
@@ -164,7 +164,6 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
     return f
 
 
-@STAGE_KINDS.register("train")
 def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     acc, adapter, cfg = ctx.accelerator, ctx.adapter, ctx.cfg
     if acc.num_processes > 1:  # not yet: prompts are not sharded and token counts not all-reduced
@@ -400,7 +399,6 @@ def _eval_setup(st: StageConfig) -> dict[str, Any]:
     return {"eval": dataclasses.asdict(st.eval), "task": st.task}
 
 
-@STAGE_KINDS.register("eval")
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
@@ -418,3 +416,7 @@ def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in headline(ev).items())
             print(f"[{st.name}] {key} ({ref}): {shown} on {ev['n']} held-out problems")
     return out
+
+
+STAGE_KINDS.register("train")(StageKind(run_train_stage, uses="train"))
+STAGE_KINDS.register("eval")(StageKind(run_eval_stage, uses="evaluate"))

@@ -394,3 +394,105 @@ def test_pipelines_saved_by_the_run_reload_only_their_transformer(tmp_path, monk
     ref = tiny(make_adapter(), 2)
     for (k, x), y in zip(b.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+# ----------------------------------------------------------------------------- the saved format: plain diffusers
+
+
+def index_of(path: Path) -> dict:
+    return json.loads((path / "model_index.json").read_text())
+
+
+def test_a_saved_pixel_pipeline_loads_with_plain_diffusers_and_samples_as_the_run_does(tmp_path):
+    """`DiffusionPipeline.from_pretrained(dir)` with no arguments gives a PIL image; without the T5
+    stand-in and with no T5 tokens it reproduces the adapter's Euler samples."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from mmdistill.modalities.flow import pipelines as P
+
+    adapter = make_adapter()
+    student = tiny(adapter, 1)
+    adapter.save(student, tmp_path / "s")
+    index = index_of(tmp_path / "s")
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"] and index["vae"] == [
+        "diffusers",
+        "AutoencoderKL",
+    ]
+    assert index["tokenizer_3"][0] == "transformers"
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "s"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2).images[0]
+    assert isinstance(image, Image.Image) and image.size == (8, 8)
+    # the T5 stand-in gives exactly the zeros diffusers appends without T5, max_sequence_length of them
+    bare = P.load_pipeline(tmp_path / "s")
+    assert bare.text_encoder_3 is None and bare.tokenizer_3 is None and bare.vae is None
+    for n in (1, 5):
+        ours = bare.encode_prompt("a red circle", None, None, do_classifier_free_guidance=False, max_sequence_length=n)
+        theirs = pipe.encode_prompt(
+            "a red circle", None, None, do_classifier_free_guidance=False, max_sequence_length=n
+        )
+        assert ours[0].shape[1] == 16 + n
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    # the README's as-trained call: the adapter's evaluation samples (same noise), decoded by the passthrough VAE
+    problems_ = [ShapesProblem(S.split_prompts("test")[0], "color")]
+    r = adapter.sample(student, problems_, 3, 1.0, 0.0, "sum", torch.Generator().manual_seed(5))
+    noise = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(5))
+    as_trained = DiffusionPipeline.from_pretrained(str(tmp_path / "s"), text_encoder_3=None, tokenizer_3=None)
+    as_trained.set_progress_bar_config(disable=True)
+    kw = dict(latents=noise, num_inference_steps=3, guidance_scale=1.0, max_sequence_length=0)
+    latents = as_trained(problems_[0].prompt, output_type="latent", **kw).images
+    torch.testing.assert_close(latents, r.extras["x0_B_C_H_W"], rtol=0, atol=1e-5)
+    pixels = as_trained(problems_[0].prompt, output_type="pt", **kw).images
+    torch.testing.assert_close(pixels, P.decode_latents(adapter.pipe, r.extras["x0_B_C_H_W"]), rtol=0, atol=1e-4)
+
+
+def test_the_passthrough_vae_is_the_identity_and_is_recognised():
+    from mmdistill.modalities.flow import pipelines as P
+
+    vae = P.build_passthrough_vae(8)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 6 - 3
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(x).sample, x, rtol=0, atol=2e-5)
+        torch.testing.assert_close(vae.encode(x).latent_dist.mode(), x, rtol=0, atol=2e-5)
+    assert P.is_passthrough_vae(vae) and P.is_passthrough_vae(P.build_passthrough_vae(8).to(torch.bfloat16))
+    assert not P.is_passthrough_vae(P._tiny_vae(8, 3, 8, 1))
+    assert P.is_null_t5(P.build_null_t5(32)) and not P.is_null_t5(None)
+
+
+def test_real_t5_and_vae_are_saved_and_loaded_as_they_are_and_old_null_directories_still_load(tmp_path):
+    """A pipeline with its own T5 and VAE (an SD3.5 checkpoint) gets no stand-in; a latent-space tiny
+    pipeline gets only the T5 one; directories an older save wrote with null entries still load."""
+    from diffusers import DiffusionPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from mmdistill.modalities.flow import pipelines as P
+
+    words = ["a", "red", "circle"]
+    pipe = P.build_tiny_sd3_pipeline(words, image_size=8, vae=True, num_layers=1, text_hidden_size=16, text_layers=1)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(pipe.tokenizer), d_model=32, d_kv=16, d_ff=32, num_layers=1, num_heads=2)
+    )
+    full = type(pipe)(**{**pipe.components, "text_encoder_3": t5, "tokenizer_3": pipe.tokenizer})
+    P.save_pipeline(full, tmp_path / "full")
+    vae_files = sorted(f.name for f in (tmp_path / "full" / "vae").iterdir())
+    loaded = P.load_pipeline(tmp_path / "full")
+    assert loaded.text_encoder_3 is not None and not P.is_null_t5(loaded.text_encoder_3)
+    for (k, a), b in zip(t5.state_dict().items(), loaded.text_encoder_3.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(pipe.vae.state_dict().items(), loaded.vae.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert index_of(tmp_path / "full")["tokenizer_3"] == ["transformers", "CLIPTokenizer"]
+
+    P.save_pipeline(pipe, tmp_path / "latent")  # no T5: only the T5 stand-in
+    assert sorted(f.name for f in (tmp_path / "latent" / "vae").iterdir()) == vae_files
+    plain = DiffusionPipeline.from_pretrained(str(tmp_path / "latent"))
+    assert P.is_null_t5(plain.text_encoder_3) and not P.is_passthrough_vae(plain.vae)
+    assert P.load_pipeline(tmp_path / "latent").text_encoder_3 is None
+
+    pixel = P.build_tiny_sd3_pipeline(words, image_size=8, num_layers=1, text_hidden_size=16, text_layers=1)
+    pixel.save_pretrained(str(tmp_path / "old"))  # the former format: T5 and VAE recorded as null
+    assert index_of(tmp_path / "old")["vae"] == [None, None]
+    old = P.load_pipeline(tmp_path / "old")
+    assert old.vae is None and old.text_encoder_3 is None

@@ -325,7 +325,7 @@ def test_packaged_config_loads_and_validates():
     task = build_task(lopd.task)  # lazy: the shards do not exist yet
     assert isinstance(task, TeacherShardsTask) and len(task.problems("test", 2)) == 2
     with pytest.raises(ConfigError, match="did you mean 'shard_size'"):
-        precompute_options(SimpleNamespace(name="x", precompute={"shard_sise": 3}))
+        precompute_options(SimpleNamespace(name="x", options={"shard_sise": 3}))
 
 
 def test_old_lightning_objective_names_the_new_form():

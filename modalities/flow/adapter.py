@@ -327,14 +327,15 @@ class FlowAdapter:
         return self.add_lora(base, lora) if lora is not None else base.to(self.device)
 
     def save(self, model: Any, out_dir: Path) -> None:
-        """A standard diffusers pipeline directory with this transformer and the run's frozen parts."""
+        """A standard diffusers pipeline directory with this transformer and the run's frozen parts, which
+        `DiffusionPipeline.from_pretrained(out_dir)` loads as it is (`pipelines.save_pipeline`)."""
         m = unwrap(model)
         if hasattr(m, "merge_and_unload"):  # peft: keep the adapter, save the merged transformer
             m.save_pretrained(str(Path(out_dir) / "lora_adapter"))
             m = copy.deepcopy(m).merge_and_unload()
         components = {k: v for k, v in self.pipe.components.items()}
         components["transformer"] = m
-        type(self.pipe)(**components).save_pretrained(str(out_dir), safe_serialization=True)
+        P.save_pipeline(type(self.pipe)(**components), out_dir)
         if self._signature is None:  # later loads of this run's pipelines read only their transformer
             self._signature = _frozen_signature(Path(out_dir))
 

@@ -6,8 +6,14 @@ download: the CLIP tokenizer is a BPE over the given words, written from memory.
 works in latent space (a tiny random-init AutoencoderKL, `vae=True`) or in pixel space
 (`vae=False`: the transformer sees the image scaled to [-1, 1]; a random VAE decodes
 noise, so pixel space is the one to train a task like `shapes` on from scratch).
-`save_pipeline` writes a normal diffusers directory; `load_pipeline` reads it back
-(components saved as null -- T5, or the VAE in pixel space -- are passed as None).
+`save_pipeline` writes a normal diffusers directory that `DiffusionPipeline.from_pretrained(path)`
+loads with no arguments: StableDiffusion3Pipeline requires a T5 encoder and a VAE, so a pipeline
+without them is saved with stand-ins that change nothing -- a T5 encoder whose weights are all zero
+(it outputs the zeros diffusers feeds the transformer when there is no T5; its tokenizer gives no
+token, so `max_sequence_length` sets how many, as without T5) and, in pixel space, a
+passthrough AutoencoderKL (one block, no downsampling, decode(z) = z to float precision), so
+`pipe(prompt).images[0]` is the model's image.  `load_pipeline` turns the stand-ins back into None
+(and reads older directories whose T5 and VAE entries are null).
 
     python -c "from mmdistill.modalities.flow.pipelines import build_tiny_sd3_pipeline as b; print(b(['a', 'red', 'circle']).transformer.config)"
 """
@@ -38,6 +44,11 @@ __all__ = [
     "unpack_latents",
     "save_pipeline",
     "load_pipeline",
+    "build_null_t5",
+    "build_null_t5_tokenizer",
+    "build_passthrough_vae",
+    "is_null_t5",
+    "is_passthrough_vae",
     "scheduler_sigmas",
     "encode_prompts",
     "velocity",
@@ -315,27 +326,166 @@ def unpack_latents(x_B_L_F: Tensor, H: int, W: int) -> Tensor:
     return x_B_L_F.reshape(B, H // 2, W // 2, F // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, F // 4, H, W)
 
 
+PASSTHROUGH_SCALE = 1.0 / 1024  # the passthrough VAE's signal scale inside its GroupNorm (a power of two: exact)
+
+
+def build_null_t5(d_model: int, vocab_size: int = 1) -> Any:
+    """A `T5EncoderModel` with no layers and every weight zero: it outputs zeros `[B, L, d_model]`, what
+    StableDiffusion3Pipeline feeds the transformer in place of T5 when `text_encoder_3` is None."""
+    from transformers import T5Config, T5EncoderModel
+
+    heads = 2 if d_model % 2 == 0 else 1
+    model = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=d_model // heads,
+            d_ff=d_model,
+            num_layers=0,
+            num_heads=heads,
+            pad_token_id=0,
+            eos_token_id=0,
+            decoder_start_token_id=0,
+        )
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model.eval()
+
+
+def build_null_t5_tokenizer() -> Any:
+    """The null T5's tokenizer: every text gives no token, so the T5 slot contributes exactly
+    `max_sequence_length` padding tokens -- the zeros diffusers appends without T5, for any length, 0 included."""
+    from tokenizers import Regex, Tokenizer, normalizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({"<pad>": 0}, unk_token="<pad>"))
+    backend.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # drop every character
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", model_max_length=512)
+
+
+def is_null_t5(module: Any) -> bool:
+    """A T5 encoder whose every weight is zero (so its output is zero): `build_null_t5`'s stand-in."""
+    return (
+        type(module).__name__ == "T5EncoderModel"
+        and module.config.num_layers == 0
+        and all(not p.any() for p in module.parameters())
+    )
+
+
+def build_passthrough_vae(image_size: int) -> Any:
+    """An `AutoencoderKL` for pixel-space pipelines: 3 latent channels, one block (no downsampling, so
+    the pipeline's `vae_scale_factor` is 1), scaling 1, shift 0, `decode(z) = z` and `encode(x).mode() = x`
+    to a relative error of 2^-21 sum_c mean(z_c^2).  Each coder is set by hand: conv_in makes the 8
+    channels (e z, -e z, 1, -1) with e = 2^-10, so its final GroupNorm sees mean 0 and variance
+    (1 + e^2 sum_c mean(z_c^2)) / 4; the resnets' last convolutions are zero (identities); the norm
+    scales e z back by 1/(2e), and conv_out returns silu(z) - silu(-z) = z."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=3,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        force_upcast=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    e = PASSTHROUGH_SCALE
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder in (vae.encoder, vae.decoder):
+            for c in range(3):
+                coder.conv_in.weight[c, c, 1, 1] = e
+                coder.conv_in.weight[c + 3, c, 1, 1] = -e
+                coder.conv_out.weight[c, c, 1, 1] = 1.0
+                coder.conv_out.weight[c, c + 3, 1, 1] = -1.0
+            coder.conv_in.bias[6], coder.conv_in.bias[7] = 1.0, -1.0
+            coder.conv_norm_out.weight[:6] = 1 / (2 * e)  # GroupNorm divides by sqrt(1/4): 2 e z -> z
+        vae.encoder.conv_out.bias[3:] = -30.0  # the posterior's log-variance: the smallest diffusers allows
+    return vae.eval()
+
+
+def is_passthrough_vae(module: Any) -> bool:
+    """The VAE `build_passthrough_vae` makes (same config and the same weights, in any dtype)."""
+    if type(module).__name__ != "AutoencoderKL" or tuple(module.config.block_out_channels) != (8,):
+        return False
+    if module.config.latent_channels != 3 or module.config.norm_num_groups != 1:
+        return False
+    ref = build_passthrough_vae(module.config.sample_size).state_dict()
+    own = module.state_dict()
+    return own.keys() == ref.keys() and all(torch.equal(own[k].float().cpu(), ref[k]) for k in ref)
+
+
+def _with_stand_ins(pipe: Any) -> Any:
+    """The pipeline with a null T5 and, in pixel space, a passthrough VAE where it has None (SD3 only:
+    StableDiffusion3Pipeline refuses null entries on load); any other pipeline as it is."""
+    comps = dict(pipe.components)
+    if "text_encoder_3" not in comps or (comps["text_encoder_3"] is not None and comps.get("vae") is not None):
+        return pipe  # a real SD3 / SD3.5 checkpoint, Flux, ...: saved as diffusers saves it
+    transformer = _base(comps["transformer"])
+    if comps["text_encoder_3"] is None:
+        comps["text_encoder_3"] = build_null_t5(transformer.config.joint_attention_dim).to(comps["text_encoder"].dtype)
+        comps["tokenizer_3"] = build_null_t5_tokenizer()
+    if comps["vae"] is None:
+        if transformer.config.in_channels != 3:
+            raise ValueError(
+                f"a pipeline without a VAE must work in pixel space (3 channels); its transformer has {transformer.config.in_channels}"
+            )
+        comps["vae"] = build_passthrough_vae(transformer.config.sample_size).to(transformer.dtype)
+    return type(pipe)(**comps)
+
+
+def _without_stand_ins(pipe: Any) -> Any:
+    """Inverse of `_with_stand_ins`: a null T5 and a passthrough VAE become None again, so the adapter
+    conditions without T5 tokens and works on pixels directly, as the run that saved the pipeline did."""
+    comps = dict(pipe.components)
+    changed = False
+    if is_null_t5(comps.get("text_encoder_3")):
+        comps["text_encoder_3"], comps["tokenizer_3"], changed = None, None, True
+    if comps.get("vae") is not None and is_passthrough_vae(comps["vae"]):
+        comps["vae"], changed = None, True
+    if not changed:
+        return pipe
+    bare = type(pipe)(**comps)
+    bare.register_to_config(_name_or_path=pipe.name_or_path)
+    return bare
+
+
 def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
-    """A standard diffusers pipeline directory (model_index.json + one folder per component, safetensors)."""
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    """A standard diffusers pipeline directory (model_index.json + one folder per component, safetensors)
+    that `DiffusionPipeline.from_pretrained(out_dir)` loads with no arguments (stand-ins, see the module doc)."""
+    _with_stand_ins(pipe).save_pretrained(str(out_dir), safe_serialization=True)
 
 
 def load_pipeline(
     path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
-    """`DiffusionPipeline.from_pretrained(path)`, passing None for components saved as null (no T5, no VAE)."""
+    """`DiffusionPipeline.from_pretrained(path)` with the stand-ins of `save_pipeline` turned back into None;
+    components an older save recorded as null (no T5, no VAE) are passed as None."""
     from diffusers import DiffusionPipeline
 
     index_file = Path(path) / "model_index.json"
     if not Path(path).exists():  # a hub id: from_pretrained resolves (and caches) it
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        pipe = _without_stand_ins(DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype))
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device=device)
     if not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     index = json.loads(index_file.read_text())
     missing = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(str(path), **missing)  # the dtype keyword was renamed in 0.4x
+    pipe = _without_stand_ins(DiffusionPipeline.from_pretrained(str(path), **missing))  # dtype keyword renamed in 0.4x
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=torch_dtype)
 

@@ -8,5 +8,5 @@ Importing the package registers its adapter (`hf_causal_lm`), tasks (`arith`, `j
     mmdistill train configs/text/quickstart.yaml
 """
 
-from mmdistill.modalities.text import adapter, engine, precompute, stored_logits, xtoken  # noqa: F401
+from mmdistill.modalities.text import adapter, engine, harness, precompute, stored_logits, xtoken  # noqa: F401
 from mmdistill.modalities.text.tasks import arith, jsonl_math, mixture, teacher_shards  # noqa: F401

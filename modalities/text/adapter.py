@@ -50,7 +50,7 @@ from mmdistill.modalities.text.hf import (
 )
 from mmdistill.modalities.text.rollouts import Context, cat_rollouts
 from mmdistill.modalities.text.stored_logits import StoredLogitsTeacher
-from mmdistill.modalities.text.tokenizer import build_char_tokenizer, build_word_tokenizer
+from mmdistill.modalities.text.tokenizer import build_char_tokenizer, build_word_tokenizer, report_coverage
 from mmdistill.modalities.text.xtoken import CrossTokenizerTeacher
 from mmdistill.registry import ADAPTERS
 from mmdistill.stepdist import HiddenCategorical, RoutedCategorical
@@ -108,7 +108,15 @@ class CausalLMAdapter:
         self._engines: dict[str, Any] = {}
 
     def bind(self, task: Any) -> None:
-        """Nothing about a text model depends on the task (the tokenizer was built from it already)."""
+        """Nothing about a text model depends on the task; say how much of the task the tokenizer can spell
+        (once per tokenizer and task: a run that just built its tokenizer has said it already)."""
+        report_coverage(
+            self.tokenizer,
+            task.texts(),
+            "the task",
+            "this tokenizer cannot spell the task: evaluate a checkpoint on the task it was trained on, "
+            "or train with tokenizer.path set to a tokenizer that covers it",
+        )
 
     # ------------------------------------------------------------------ checkpoints and tokenizers (class level)
 
@@ -132,7 +140,8 @@ class CausalLMAdapter:
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> Any:
-        """`tokenizer.path`, else the first checkpoint model's tokenizer, else an offline word (or char) tokenizer."""
+        """`tokenizer.path`, else the first checkpoint model's tokenizer, else an offline word (or char) tokenizer;
+        then how much of the task it covers (`report_coverage`: a warning when > 1% of the task's words are <unk>)."""
         from transformers import AutoTokenizer
 
         path = cfg.path or next(
@@ -145,12 +154,16 @@ class CausalLMAdapter:
                 raise CheckpointError(
                     f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory"
                 ) from None
+            fix = f"the tokenizer of '{path}' does not fit this task: set tokenizer.path to one that does"
         elif cfg.level == "char":
             tok = build_char_tokenizer()
+            fix = "set tokenizer.level: word (built from the task's own words) or tokenizer.path to a real tokenizer"
         else:
             tok = build_word_tokenizer(task.vocabulary())
+            fix = "set tokenizer.path to a real tokenizer (e.g. a checkpoint's directory) or tokenizer.level: char"
         if cfg.chat_template is not None:
             tok.chat_template = cfg.chat_template
+        report_coverage(tok, task.texts(), "the task", fix)
         return tok
 
     @staticmethod

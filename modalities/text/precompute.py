@@ -6,7 +6,7 @@ shards (`shards.py`), so that a later stage distils from them with no live teach
     - name: teacher_logprobs
       kind: precompute
       teacher: teacher_sft             # a checkpoint of the run's tokenizer (a models entry or a trained stage)
-      precompute: {n: 4096, k: 64}     # written to RUN_DIR/STAGE/shards unless precompute.out
+      options: {n: 4096, k: 64}     # written to RUN_DIR/STAGE/shards unless precompute.out
 
 The teacher's sha256 (`shards.checkpoint_hash`) and the run's tokenizer hash are recorded in the
 manifest; the stored-logits teacher checks them when it loads.  A complete manifest for the same
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mmdistill.checkpoint import atomic_dir, atomic_write_text
 from mmdistill.config import from_dict
 from mmdistill.errors import CheckpointError, ConfigError
+from mmdistill.interfaces import StageKind
 from mmdistill.modalities.text import shards
 from mmdistill.registry import STAGE_KINDS
 from mmdistill.train import sample_train, step_seed
@@ -37,7 +38,7 @@ from mmdistill.train import sample_train, step_seed
 
 @dataclass
 class PrecomputeOptions:
-    """`stages.NAME.precompute`: how many teacher rollouts, how many top-k entries, where to."""
+    """`stages.NAME.options`: how many teacher rollouts, how many top-k entries, where to."""
 
     n: int = 1024  # teacher rollouts (training prompts drawn with the run's seed)
     k: int = 64  # top-k log-probs kept per token (plus one tail bucket)
@@ -49,8 +50,8 @@ class PrecomputeOptions:
 
 def precompute_options(st: Any) -> PrecomputeOptions:
     """The stage's options, checked (unknown keys, types, ranges) with the key path in every error."""
-    where = f"stages.{st.name}.precompute"
-    opt = from_dict(PrecomputeOptions, dict(st.precompute), where)
+    where = f"stages.{st.name}.options"
+    opt = from_dict(PrecomputeOptions, dict(st.options), where)
     for key, value in (("n", opt.n), ("k", opt.k), ("batch_size", opt.batch_size), ("shard_size", opt.shard_size)):
         if value < 1:
             raise ConfigError(f"{where}.{key}: {value} must be >= 1")
@@ -91,7 +92,6 @@ def local_checkpoint(path: str, revision: str | None, where: str) -> Path:
         ) from None
 
 
-@STAGE_KINDS.register("precompute")
 def run_precompute_stage(ctx: Any, st: Any) -> dict[str, Any]:
     """Sample `n` teacher completions of training prompts, score them with the same teacher,
     write top-k + tail per completion token as webdataset shards with a manifest (atomically);
@@ -203,3 +203,6 @@ def _result(manifest: dict, out: Path, seconds: float, reused: bool) -> dict[str
         "seconds": round(seconds, 1),
         "eval": {"teacher_rollout_reward": manifest["teacher_reward"]},
     }
+
+
+STAGE_KINDS.register("precompute")(StageKind(run_precompute_stage, uses="teacher", check=precompute_options))

@@ -5,6 +5,11 @@ Every task has the same small surface (no base class; duck typing as in a Protoc
     problems(split, n=None, seed=0) -> list[Problem]   # "train" / "test", deterministic per seed
     reward(problem, completion) -> float               # 1.0 correct, 0.0 wrong (via verify.is_correct)
     vocabulary() -> list[str]                          # tokens the task's texts can contain
+    texts(n=2000) -> list[str]                         # questions and solutions a tokenizer must cover
+
+`problems` never repeats a problem: asking for more than a split holds returns the whole split
+(each problem once) and prints one `note:` line saying how many were used. A bad value the user
+can give (a split name, a task key) raises a `ConfigError` naming the key, the value and the fix.
 
 Tasks are built from plain keyword arguments, so a YAML block such as
 `task: {type: arith, difficulty: 2, max_value: 20}` maps straight onto them.
@@ -15,11 +20,15 @@ Tasks are built from plain keyword arguments, so a YAML block such as
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from mmdistill.errors import ConfigError
+
 SPLITS = ("train", "test")
+_NOTED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -51,33 +60,51 @@ class TextTask(Protocol):
 
     def vocabulary(self) -> list[str]: ...
 
+    def texts(self, n: int = 2000) -> list[str]: ...
+
 
 def check_split(split: str, key: str = "split") -> None:
-    """Raise a ValueError naming the allowed splits when `split` is not one of them."""
+    """Raise a ConfigError naming the allowed splits when `split` is not one of them."""
     if split not in SPLITS:
-        raise ValueError(f"{key}={split!r} is not a split; use one of {list(SPLITS)}")
+        raise ConfigError(f"{key}={split!r} is not a split; use one of {list(SPLITS)}")
+
+
+def note(message: str) -> None:
+    """Print `note: message` on stderr, once per process for each message."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def check_n(n: Any) -> None:
+    """Refuse a problem count that is not an integer >= 0 (None means the whole split)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ConfigError(f"n={n!r} must be an integer >= 0 (or None for the whole split)")
+
+
+def capped(n: int, size: int, what: str) -> int:
+    """`n`, or `size` with a one-line note when `n` asks for more problems than `what` holds."""
+    if n > size:
+        note(f"{what} has {size} problems; asked for {n}, using each once ({size})")
+        return size
+    return n
 
 
 T = TypeVar("T")
 
 
-def draw(items: Sequence[T], n: int | None, rng: random.Random) -> list[T]:
-    """`n` items of `items` in random order: without replacement while n <= len(items).
+def draw(items: Sequence[T], n: int | None, rng: random.Random, what: str = "the split") -> list[T]:
+    """`n` distinct items of `items` in random order (every item, shuffled, when n is None).
 
-    n=None returns every item (shuffled). When n exceeds len(items), whole shuffled
-    passes over `items` are concatenated, so each item appears floor or ceil(n/len) times.
+    An item never repeats: n larger than len(items) returns every item once, with a one-line
+    note naming `what` and how many were used; n > 0 of an empty sequence raises a ConfigError.
     """
+    check_n(n)
     if n is None:
         n = len(items)
-    if n < 0:
-        raise ValueError(f"n={n} must be >= 0 (or None for the whole split)")
     if n > 0 and not items:
-        raise ValueError(f"asked for n={n} items from an empty split")
-    out: list[T] = []
-    while len(out) < n:
-        take = min(n - len(out), len(items))
-        out.extend(rng.sample(list(items), take))
-    return out
+        raise ConfigError(f"{what} is empty; there is no problem to draw")
+    return rng.sample(list(items), capped(n, len(items), what))
 
 
 # The task modules import Problem / draw from this package, so they are imported last.
@@ -94,6 +121,9 @@ __all__ = [
     "answers_match",
     "is_correct",
     "draw",
+    "capped",
+    "check_n",
     "check_split",
+    "note",
     "SPLITS",
 ]

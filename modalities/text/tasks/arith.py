@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import random
 
+from mmdistill.errors import ConfigError
 from mmdistill.registry import TASKS
 
-from . import Problem, check_split, draw
+from . import SPLITS, Problem, check_n, check_split, draw
 from .verify import is_correct
 
 Equation = tuple  # (start, op1, operand1, op2, operand2, ...), ops are "+" / "-"
@@ -75,16 +76,16 @@ class ArithTask:
         seed: int = 0,
         test_fraction: float = 0.2,
     ):
-        if not isinstance(difficulty, int) or not 1 <= difficulty <= MAX_DIFFICULTY:
-            raise ValueError(
+        if isinstance(difficulty, bool) or not isinstance(difficulty, int) or not 1 <= difficulty <= MAX_DIFFICULTY:
+            raise ConfigError(
                 f"task.difficulty={difficulty!r} must be an integer number of operations in 1..{MAX_DIFFICULTY}"
             )
-        if not isinstance(max_value, int) or max_value < 1:
-            raise ValueError(f"task.max_value={max_value!r} must be an integer >= 1 (e.g. 20)")
+        if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 1:
+            raise ConfigError(f"task.max_value={max_value!r} must be an integer >= 1 (e.g. 20)")
         if not isinstance(ops, str) or not ops or set(ops) - set(SUPPORTED_OPS):
-            raise ValueError(f"task.ops={ops!r} must be a non-empty string of operators from {SUPPORTED_OPS!r}")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"task.test_fraction={test_fraction!r} must be strictly between 0 and 1 (e.g. 0.2)")
+            raise ConfigError(f"task.ops={ops!r} must be a non-empty string of operators from {SUPPORTED_OPS!r}")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+            raise ConfigError(f"task.test_fraction={test_fraction!r} must be strictly between 0 and 1 (e.g. 0.2)")
         self.difficulty = difficulty
         self.max_value = max_value
         self.ops = "".join(op for op in SUPPORTED_OPS if op in ops)
@@ -96,7 +97,7 @@ class ArithTask:
         self._ways = self._count_ways()
         self.space_size = sum(self._ways[difficulty][a] for a in range(1, max_value + 1))
         if self.space_size == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"no equation fits difficulty={difficulty}, max_value={max_value}, ops={ops!r} "
                 f"(running values must stay in [0, {self.cap}]); raise task.max_value or add '-' to task.ops"
             )
@@ -141,7 +142,7 @@ class ArithTask:
     def all_equations(self) -> list[Equation]:
         """Every equation of this configuration, both splits, in a fixed order."""
         if self.space_size > ENUMERATE_LIMIT * 20:
-            raise ValueError(f"{self.space_size} equations are too many to list; use problems(split, n)")
+            raise ConfigError(f"{self.space_size} equations are too many to list; use problems(split, n)")
         out: list[Equation] = []
 
         def extend(eq: tuple, value: int, left: int) -> None:
@@ -222,23 +223,22 @@ class ArithTask:
 
     # -- task interface ---------------------------------------------------------------------
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        """`n` problems from one side of the split, the same ones for the same (task seed, seed).
+        """`n` distinct problems (equations) from one side of the split, the same ones for the same
+        (task seed, seed).
 
-        Test problems are distinct equations while n <= the split's size; n=None returns the
-        whole split (only for enumerable spaces, see `split_sizes()`).
+        n larger than an enumerable split returns the whole split, each equation once, with a one-line
+        note; n=None returns the whole split (only for enumerable spaces, see `split_sizes()`).
         """
         check_split(split)
+        check_n(n)
         rng = random.Random(f"arith:{self.seed}:{split}:{seed}")
         if self._enumerated is not None:
-            equations = draw(self._enumerated[split], n, rng)
+            equations = draw(self._enumerated[split], n, rng, f"the {split} split of {self!r}")
         elif n is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the {split} split of difficulty={self.difficulty}, max_value={self.max_value} has "
-                f"about {round(self.space_size * (self.test_fraction if split == 'test' else 1 - self.test_fraction))} "
-                "equations, too many to return in full; pass n (e.g. problems('test', n=500))"
+                f"about {self._side_size(split)} equations, too many to return in full; pass n (eval.n or --n, e.g. 500)"
             )
-        elif split == "train":
-            equations = [self._equation_on("train", rng) for _ in range(n)]
         else:
             seen: set = set()
             equations = []
@@ -246,12 +246,19 @@ class ArithTask:
             while len(equations) < n:
                 budget -= 1
                 if budget < 0:
-                    raise ValueError(f"could not draw {n} distinct test equations; ask for fewer")
-                eq = self._equation_on("test", rng)
+                    raise ConfigError(
+                        f"could not draw {n} distinct {split} equations of {self!r}; ask for fewer (e.g. --n {n // 2})"
+                    )
+                eq = self._equation_on(split, rng)
                 if eq not in seen:
                     seen.add(eq)
                     equations.append(eq)
         return [self.render(eq, rng, split) for eq in equations]
+
+    def _side_size(self, split: str) -> int:
+        """The number of equations on one side of a space too large to enumerate (its expected value)."""
+        share = self.test_fraction if split == "test" else 1 - self.test_fraction
+        return round(self.space_size * share)
 
     def sample_train(self, rng: random.Random) -> Problem:
         """One training problem drawn with `rng` (with replacement), for streaming data."""
@@ -263,6 +270,12 @@ class ArithTask:
     def summary(self) -> str:
         """Nothing printed at the start of a run (the task's keys are in the config)."""
         return ""
+
+    def texts(self, n: int = 2000) -> list[str]:
+        """Questions and solutions of `n` problems drawn from both sides (a fixed sample), for a coverage check."""
+        rng = random.Random(f"arith:texts:{self.seed}")
+        problems = [self.render(self._equation_on(side, rng), rng, side) for side in SPLITS for _ in range(n // 2)]
+        return [text for p in problems for text in (p.question, p.solution)]
 
     def vocabulary(self) -> list[str]:
         """Every word of the templates, the digits 0-9 and each punctuation character, sorted."""

@@ -16,10 +16,11 @@ import dataclasses
 import random
 from typing import Any
 
+from mmdistill.errors import ConfigError
 from mmdistill.registry import TASKS
 from mmdistill.train import build_task
 
-from . import Problem, check_split
+from . import Problem, check_n, check_split
 
 
 @TASKS.register("mixture")
@@ -27,12 +28,27 @@ class MixtureTask:
     """Problems from several tasks, each tagged with its task's name."""
 
     def __init__(self, tasks: dict[str, dict[str, Any]], weights: dict[str, float] | None = None):
-        if not tasks:
-            raise ValueError("task.tasks is empty; give {tag: task spec}, e.g. {add: {type: arith, ops: '+'}}")
+        if not isinstance(tasks, dict) or not tasks:
+            raise ConfigError("task.tasks is empty; give {tag: task spec}, e.g. {add: {type: arith, ops: '+'}}")
+        for tag, spec in tasks.items():
+            if not isinstance(spec, dict) or "type" not in spec:
+                raise ConfigError(
+                    f"task.tasks.{tag}={spec!r} is not a task spec; give {{type: NAME, ...}}, e.g. {{type: arith}}"
+                )
         self.tasks = {tag: build_task(spec) for tag, spec in tasks.items()}
         weights = weights or {tag: 1.0 for tag in tasks}
-        if set(weights) != set(tasks) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"task.weights must give a non-negative weight to each of {sorted(tasks)}")
+        if (
+            not isinstance(weights, dict)
+            or set(weights) != set(tasks)
+            or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                for w in weights.values()
+            )
+            or sum(weights.values()) <= 0
+        ):
+            raise ConfigError(
+                f"task.weights={weights!r} must give a finite non-negative weight to each of {sorted(tasks)} (not all 0)"
+            )
         total = sum(weights.values())
         self.weights = {tag: w / total for tag, w in weights.items()}
 
@@ -41,7 +57,9 @@ class MixtureTask:
         return dataclasses.replace(p, meta={**p.meta, "tag": tag})
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        """`n` problems split evenly over the tasks (each task caps its share at its split, with a note)."""
         check_split(split)
+        check_n(n)
         tags = list(self.tasks)
         out: list[Problem] = []
         for i, tag in enumerate(tags):
@@ -62,6 +80,10 @@ class MixtureTask:
 
     def vocabulary(self) -> list[str]:
         return sorted(set().union(*(t.vocabulary() for t in self.tasks.values())))
+
+    def texts(self, n: int = 2000) -> list[str]:
+        """Each task's `texts`, `n` problems split evenly over the tasks."""
+        return [t for task in self.tasks.values() for t in task.texts(max(1, n // len(self.tasks)))]
 
     def summary(self) -> str:
         return "mixture of " + ", ".join(f"{tag} ({w:.2f})" for tag, w in self.weights.items())

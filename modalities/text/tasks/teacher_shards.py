@@ -83,7 +83,8 @@ class TeacherShardsTask:
         if split != "train":
             return self.base.problems(split, n, seed=seed)
         pool = self._load()
-        return list(pool) if n is None else draw(pool, n, random.Random(f"teacher_shards:{seed}"))
+        what = f"the teacher shards in {self.shards_dir}"
+        return list(pool) if n is None else draw(pool, n, random.Random(f"teacher_shards:{seed}"), what)
 
     def sample_train(self, rng: random.Random) -> ShardProblem:
         return rng.choice(self._load())
@@ -93,6 +94,10 @@ class TeacherShardsTask:
 
     def vocabulary(self) -> list[str]:
         return self.base.vocabulary()
+
+    def texts(self, n: int = 2000) -> list[str]:
+        """The underlying task's texts (the shards hold token ids of the same tokenizer)."""
+        return self.base.texts(n)
 
     def summary(self) -> str:
         return f"teacher shards in {self.shards_dir} over {self.base.summary() or repr(self.base)}"
