@@ -86,12 +86,13 @@ def _load_for_eval(args: argparse.Namespace):
             "final directory, e.g. runs/quickstart/student_opd/final or runs/shapes_flow_opd/flow_opd/final"
         )
     _, adapter_cls = owners[0]
+    cfg = _eval_config(adapter_cls.spec, args)  # bad flags are refused before anything loads
+    adapter_cls.check_checkpoint(str(path), "model")
     task_name = args.task or adapter_cls.spec.default_task
     task_cls = TASKS.get(task_name)
     task = task_cls(**check_kwargs(task_cls, _parse_task_args(args.set), "task"))
     device = _device(args.device)
     quiet_library_logs()
-    cfg = _eval_config(adapter_cls.spec, args)  # bad flags are refused before the model loads
     adapter = adapter_cls(adapter_cls.load_tokenizer(str(path)), device=device)
     adapter.bind(task)
     return adapter, adapter.load_model(ModelConfig(path=str(path)), "model").eval(), task, cfg

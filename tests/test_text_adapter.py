@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmdistill.config import ModelConfig
-from mmdistill.errors import CompatibilityError, ConfigError
+from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
 from mmdistill.interfaces import Adapter, RolloutRequest
 from mmdistill.modalities.text.adapter import CausalLMAdapter, check_tokenizers_match
 from mmdistill.modalities.text.config import TextEvalConfig, TextRolloutConfig, TinyLMConfig
@@ -244,7 +244,8 @@ def test_claims_only_causal_lm_checkpoints(adapter, tmp_path):
     assert tok.get_vocab() == adapter.tokenizer.get_vocab()
     adapter.tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
     assert CausalLMAdapter.load_tokenizer(tmp_path / "run").get_vocab() == adapter.tokenizer.get_vocab()
-    assert CausalLMAdapter.load_tokenizer(tmp_path / "robot") is None
+    with pytest.raises(CheckpointError, match="holds no tokenizer"):
+        CausalLMAdapter.load_tokenizer(tmp_path / "robot")
 
 
 def test_rollout_reads_the_request_and_its_settings(adapter):

@@ -216,3 +216,18 @@ def test_nan_loss_in_a_row_stops_the_run(tmp_path, tiny_raw, capsys):
     p.write_text(yaml.safe_dump(tiny_raw))
     code, err = run_cli(capsys, "train", p, "--quiet")
     assert code == 2 and "NaN or inf on 2 optimizer steps in a row (the last at step 3" in err and "\n" not in err
+
+
+def test_a_directory_that_is_not_a_checkpoint(tmp_path, cfg_file, capsys):
+    """A config.json without weights or tokenizer: one line naming what is missing, at eval and at train."""
+    d = tmp_path / "not_a_checkpoint"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    code, err = run_cli(capsys, "eval", d)
+    assert code == 2 and "not a complete transformers checkpoint" in err and "\n" not in err
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "train", cfg_file, f"run_dir={run}", "models.teacher_init.tiny=null", f"models.teacher_init.path={d}"
+    )
+    assert code == 2 and "models.teacher_init" in err and "no weights" in err and "\n" not in err
+    assert not run.exists()  # refused before the run directory was claimed

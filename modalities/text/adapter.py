@@ -136,7 +136,28 @@ class CausalLMAdapter:
 
     @staticmethod
     def check_checkpoint(path: str, name: str) -> None:
-        """Nothing before loading: `load_model` explains a directory without config.json."""
+        """A local checkpoint directory has a config, weights and a tokenizer (hub ids are checked at load)."""
+        p = Path(path)
+        if not p.is_dir():
+            return
+        weights = [*p.glob("*.safetensors"), *p.glob("*.safetensors.index.json"), *p.glob("pytorch_model*.bin")]
+        missing = [
+            what
+            for what, ok in (
+                ("config.json", (p / "config.json").is_file()),
+                ("weights (*.safetensors)", bool(weights)),
+                (
+                    "a tokenizer (tokenizer.json or tokenizer_config.json)",
+                    any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")),
+                ),
+            )
+            if not ok
+        ]
+        if missing:
+            raise CheckpointError(
+                f"models.{name}.path: '{path}' is not a complete transformers checkpoint (no {', no '.join(missing)}); "
+                "give a directory written by save_pretrained, e.g. a stage's final/"
+            )
 
     @staticmethod
     def build_tokenizer(cfg: TokenizerConfig, task: Any, models: dict[str, ModelConfig]) -> Any:
@@ -150,7 +171,7 @@ class CausalLMAdapter:
         if path is not None:
             try:
                 tok = AutoTokenizer.from_pretrained(path)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 raise CheckpointError(
                     f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]}); set tokenizer.path to a tokenizer directory"
                 ) from None
@@ -174,9 +195,18 @@ class CausalLMAdapter:
 
         p = Path(path)
         for d in (p, p / "tokenizer"):
-            if (d / "tokenizer_config.json").is_file():
-                return AutoTokenizer.from_pretrained(str(d))
-        return None
+            if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
+                try:
+                    return AutoTokenizer.from_pretrained(str(d))
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(
+                        f"cannot load the tokenizer in '{d}' ({str(e).strip().splitlines()[0]}); the checkpoint is "
+                        "incomplete or corrupt"
+                    ) from None
+        raise CheckpointError(
+            f"'{path}' holds no tokenizer (tokenizer.json / tokenizer_config.json); give a checkpoint saved with its "
+            "tokenizer, e.g. a stage's final/"
+        )
 
     @staticmethod
     def check_tokenizer_of(path: str, tokenizer: Any, name: str, compare_chat_template: bool = True) -> None:
