@@ -64,9 +64,10 @@ def print_table(report: dict[str, Any]) -> None:
     if nested:  # one row per model, one column per metric
         cols = list(dict.fromkeys(c for _, v in nested for c in v))
         w = max(len(k) for k, _ in nested)
-        print(f"{'':<{w}}  " + "  ".join(f"{c:>15}" for c in cols))
+        cw = {c: max(15, len(c)) for c in cols}  # long metric names (lm-eval's task/metric/filter) keep their column
+        print(f"{'':<{w}}  " + "  ".join(f"{c:>{cw[c]}}" for c in cols))
         for k, v in nested:
-            print(f"{k:<{w}}  " + "  ".join(f"{v[c]:15.3f}" if c in v else f"{'':>15}" for c in cols))
+            print(f"{k:<{w}}  " + "  ".join(f"{v[c]:{cw[c]}.3f}" if c in v else f"{'':>{cw[c]}}" for c in cols))
 
 
 NOT_SCORES = ("decisions",)  # evaluation counts left out of the results bar chart
