@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	# /usr/bin first: hf-libero's egl-probe build needs the system cmake, not the pip one
-	PATH=/usr/bin:$$PATH $(BIN)/pip install -q -e '.[dev,flow,robot,data,eval]'
+	PATH=/usr/bin:$$PATH $(BIN)/pip install -q -e '.[dev,flow,robot,data,eval,track]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -131,6 +131,8 @@ class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # experiment tracking through accelerate's trackers (rank 0): the scalars of every metrics.jsonl
+    tracker: Literal["tensorboard", "trackio", "wandb"] | None = None
     adapter: str = "hf_causal_lm"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     task: dict[str, Any] = field(default_factory=lambda: {"type": "arith"})
@@ -481,6 +483,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"models.{name}.path: checkpoint '{m.path}' does not exist; fix the path or train it first"
             )
+    if cfg.tracker is not None:
+        _check_tracker(cfg.tracker)
     if cfg.tokenizer.path is not None:
         cfg.tokenizer.path = str(expand(cfg.tokenizer.path))
     if cfg.tokenizer.path is not None and _looks_local(cfg.tokenizer.path) and not Path(cfg.tokenizer.path).exists():
@@ -608,6 +612,15 @@ def _validate_train_stage(
             f"set it to a multiple of rollout.group_size={st.rollout.group_size}"
         )
     _check_train_keys(st, where)
+
+
+def _check_tracker(name: str) -> None:
+    """The tracker's package is installed (checked before any compute)."""
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"tracker: '{name}' needs the {module} package; pip install {module} (or drop tracker=)")
 
 
 def _check_derived(cfg: RunConfig, ref: str, refs: list[str], stage: str) -> None:

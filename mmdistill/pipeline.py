@@ -22,14 +22,19 @@ from mmdistill.rundir import claim, expand, mark_running, read_marker
 from mmdistill.train import RunContext, build_task
 
 
-def make_accelerator(device: str) -> Any:
+def make_accelerator(device: str, tracker: str | None = None, run_dir: Path | None = None) -> Any:
+    """The run's Accelerator; with `tracker`, accelerate's tracker of that name writes to RUN_DIR/tracking."""
     from accelerate import Accelerator
 
     if device == "cuda" and not torch.cuda.is_available():
         from mmdistill.errors import ConfigError
 
         raise ConfigError("device: 'cuda' was asked for but no GPU is visible; set device=auto or device=cpu")
-    return Accelerator(cpu=device == "cpu")
+    if tracker is None:
+        return Accelerator(cpu=device == "cpu")
+    acc = Accelerator(cpu=device == "cpu", log_with=tracker, project_dir=str(Path(run_dir) / "tracking"))
+    acc.init_trackers(project_name=Path(run_dir).name or "mmdistill")
+    return acc
 
 
 def quiet_library_logs() -> None:
@@ -66,7 +71,7 @@ def run_pipeline(
     if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
         claim(run_dir, names, config_path)  # a fresh run
     save_resolved(cfg, run_dir / "config.yaml")
-    acc = make_accelerator(cfg.device)
+    acc = make_accelerator(cfg.device, cfg.tracker, run_dir)
     summary = task.summary()
     if summary and not quiet:
         print(f"[task] {summary}")
@@ -97,6 +102,8 @@ def run_pipeline(
         atomic_write_text(result_path, json.dumps(result, indent=1))
         ctx.stage_results[st.name] = result
     report = build_report(ctx.stage_results, seconds=time.time() - t0)
+    if cfg.tracker is not None:
+        acc.end_training()
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
     plot_report(ctx.stage_results, run_dir, run_dir / "report.png")
     if not quiet:

@@ -28,7 +28,7 @@ from mmdistill.checkpoint import atomic_write_text
 from mmdistill.errors import ConfigError
 
 MARKER = ".mmdistill-run"
-REPORT_NAMES = ("config.yaml", "report.json", "report.png", "tokenizer", "datasets")
+REPORT_NAMES = ("config.yaml", "report.json", "report.png", "tokenizer", "datasets", "tracking")
 
 
 def expand(path: str | os.PathLike) -> Path:

@@ -498,3 +498,196 @@ class VelocityStepDist:
         return VelocityStepDist(
             self.velocity_B_T_D.to(device), g, w, self.dt_B_T.to(device), self.mask_B_T.to(device), self.logprob_reduce
         )
+
+
+class GaussianBernoulli:
+    """A robot action per step: Gaussian arm dimensions times an independent binary gripper.
+
+    mean_B_T_D, std_B_T_D:  the diagonal Gaussian over the D continuous arm dimensions
+    gripper_logit_B_T:      logit of P(close); the gripper is independent of the arm
+    open_value, close_value: how the gripper is written in an action (robosuite: -1 open, +1 close)
+
+    An action `[B, T, D + 1]` holds the arm dimensions first and the gripper last.  `log_prob`
+    reads the gripper by its side of the midpoint of `open_value` and `close_value` (robosuite
+    acts on the sign, so a continuous gripper value from another policy is read the same way).
+    Log-probs, entropies and KLs are the arm's summed Gaussian terms plus the gripper's Bernoulli
+    term (the true log-mass-density of the product).  `entropy_per_dim()` gives the D + 1 terms
+    `[B, T, D + 1]` for logging; `arm` is the Gaussian part as a `Gaussian`.
+    """
+
+    def __init__(
+        self,
+        mean_B_T_D: Tensor,
+        std_B_T_D: Tensor,
+        gripper_logit_B_T: Tensor,
+        mask_B_T: Tensor,
+        open_value: float = -1.0,
+        close_value: float = 1.0,
+    ):
+        if open_value == close_value:
+            raise ValueError(f"gripper open_value and close_value are both {open_value}; use distinct values (-1, 1)")
+        self.arm = Gaussian(mean_B_T_D, std_B_T_D, mask_B_T)
+        self.gripper_logit_B_T = gripper_logit_B_T
+        self.mask_B_T = mask_B_T
+        self.open_value, self.close_value = float(open_value), float(close_value)
+
+    @classmethod
+    def from_flat(
+        cls,
+        flat_B_T_F: Tensor,
+        mask_B_T: Tensor,
+        log_std_D: Tensor | None = None,
+        log_std_min: float = -5.0,
+        log_std_max: float = 2.0,
+        open_value: float = -1.0,
+        close_value: float = 1.0,
+    ) -> GaussianBernoulli:
+        """Build from a policy head's flat output.
+
+        Without `log_std_D`, F = 2D + 1 laid out `[mean (D), log_std (D), gripper_logit (1)]`
+        (a state-dependent std); with it (a state-independent parameter broadcast over `[B, T]`),
+        F = D + 1 laid out `[mean (D), gripper_logit (1)]`.  log-std is clamped to
+        `[log_std_min, log_std_max]` (no gradient outside the range).
+        """
+        F_ = flat_B_T_F.shape[-1]
+        if log_std_D is None:
+            if F_ < 3 or F_ % 2 == 0:
+                raise ValueError(
+                    f"GaussianBernoulli.from_flat: last dim {F_} is not 2D + 1 [mean, log_std, gripper_logit]; "
+                    "pass log_std_D for a state-independent std (then F = D + 1)"
+                )
+            D = (F_ - 1) // 2
+            mean, log_std = flat_B_T_F[..., :D], flat_B_T_F[..., D : 2 * D]
+        else:
+            D = log_std_D.shape[-1]
+            if F_ != D + 1:
+                raise ValueError(
+                    f"GaussianBernoulli.from_flat: last dim {F_} != D + 1 = {D + 1} with log_std_D of {D} dims; "
+                    "lay the output out as [mean (D), gripper_logit (1)]"
+                )
+            mean, log_std = flat_B_T_F[..., :D], log_std_D.expand_as(flat_B_T_F[..., :D])
+        std = log_std.clamp(log_std_min, log_std_max).exp()
+        return cls(mean, std, flat_B_T_F[..., -1], mask_B_T, open_value, close_value)
+
+    @property
+    def mean_B_T_D(self) -> Tensor:
+        return self.arm.mean_B_T_D
+
+    @property
+    def std_B_T_D(self) -> Tensor:
+        return self.arm.std_B_T_D
+
+    def _like(self, mean: Tensor, std: Tensor, logit: Tensor, mask: Tensor) -> GaussianBernoulli:
+        return GaussianBernoulli(mean, std, logit, mask, self.open_value, self.close_value)
+
+    def _check(self, other: object, what: str) -> GaussianBernoulli:
+        if not isinstance(other, GaussianBernoulli):
+            raise ValueError(
+                f"{what}: a GaussianBernoulli compares only with another GaussianBernoulli, got "
+                f"{type(other).__name__}; give student and teacher the same arm + gripper head"
+            )
+        if other.mean_B_T_D.shape[-1] != self.mean_B_T_D.shape[-1]:
+            raise ValueError(
+                f"{what}: arm dims differ (self {self.mean_B_T_D.shape[-1]}, other {other.mean_B_T_D.shape[-1]}); "
+                "student and teacher must act in the same action space"
+            )
+        return other
+
+    def gripper_closed(self, actions_B_T_A: Tensor) -> Tensor:
+        """True where an action's gripper (last dim) is on the close side of the open/close midpoint."""
+        g = actions_B_T_A[..., -1]
+        mid = 0.5 * (self.open_value + self.close_value)
+        return g > mid if self.close_value > self.open_value else g < mid
+
+    def gripper_log_prob(self, closed_B_T: Tensor) -> Tensor:
+        """log P(gripper = closed_B_T) `[B, T]`, unmasked."""
+        sign = closed_B_T.to(self.gripper_logit_B_T.dtype) * 2 - 1
+        return F.logsigmoid(sign * self.gripper_logit_B_T)
+
+    def log_prob(self, actions_B_T_A: Tensor) -> Tensor:
+        """log N(arm) + log Bernoulli(gripper) of actions `[B, T, D + 1]`, `[B, T]`."""
+        D = self.mean_B_T_D.shape[-1]
+        if actions_B_T_A.shape[-1] != D + 1:
+            raise ValueError(
+                f"GaussianBernoulli.log_prob: actions have {actions_B_T_A.shape[-1]} dims, expected D + 1 = {D + 1} "
+                "(arm dims, then the gripper last)"
+            )
+        arm = self.arm.log_prob(actions_B_T_A[..., :D])
+        return arm + self.gripper_log_prob(self.gripper_closed(actions_B_T_A)) * self.mask_B_T
+
+    def _gripper_entropy(self) -> Tensor:
+        l = self.gripper_logit_B_T
+        p = torch.sigmoid(l)
+        return p * F.softplus(-l) + (1 - p) * F.softplus(l)
+
+    def entropy_per_dim(self) -> Tensor:
+        """Per-dimension entropies `[B, T, D + 1]` (arm dims in nats of density, gripper last), 0 where masked."""
+        h_arm = 0.5 * math.log(2 * math.pi * math.e) + self.std_B_T_D.log()
+        h = torch.cat([h_arm, self._gripper_entropy().unsqueeze(-1)], dim=-1)
+        return h * self.mask_B_T.unsqueeze(-1)
+
+    def entropy(self) -> Tensor:
+        return self.arm.entropy() + self._gripper_entropy() * self.mask_B_T
+
+    def kl(self, other: GaussianBernoulli) -> Tensor:
+        """KL(self || other) in closed form: the arm Gaussians' KL plus the grippers' Bernoulli KL."""
+        other = self._check(other, "GaussianBernoulli.kl")
+        l, m = self.gripper_logit_B_T, other.gripper_logit_B_T
+        p = torch.sigmoid(l)
+        # log p = -softplus(-l), log(1 - p) = -softplus(l)
+        kl_g = p * (F.softplus(-m) - F.softplus(-l)) + (1 - p) * (F.softplus(m) - F.softplus(l))
+        return self.arm.kl(other.arm) + kl_g * self.mask_B_T
+
+    def divergence(self, teacher: GaussianBernoulli, beta: float) -> Tensor:
+        """Per-step KL in closed form: beta = 1 reverse KL(self || teacher), beta = 0 forward KL(teacher || self)."""
+        teacher = self._check(teacher, "GaussianBernoulli.divergence")
+        if beta == 1.0:
+            return self.kl(teacher)
+        if beta == 0.0:
+            return teacher._like(teacher.mean_B_T_D, teacher.std_B_T_D, teacher.gripper_logit_B_T, self.mask_B_T).kl(
+                self
+            )
+        raise ValueError(
+            f"the generalized JSD(beta={beta}) of a Gaussian arm has no closed form; "
+            "use beta 0 (forward KL) or 1 (reverse KL)"
+        )
+
+    def mode(self) -> Tensor:
+        """The most likely action `[B, T, D + 1]`: the arm mean and the likelier gripper (close when logit > 0)."""
+        g = torch.where(self.gripper_logit_B_T > 0, self.close_value, self.open_value).to(self.mean_B_T_D.dtype)
+        return torch.cat([self.mean_B_T_D, g.unsqueeze(-1)], dim=-1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One action `[B, T, D + 1]` per step (no gradient): arm from the Gaussian, gripper as open / close value."""
+        with torch.no_grad():
+            eps = torch.randn(
+                self.mean_B_T_D.shape, generator=generator, dtype=self.mean_B_T_D.dtype, device=self.mean_B_T_D.device
+            )
+            arm = self.mean_B_T_D + self.std_B_T_D * eps
+            u = torch.rand(
+                self.gripper_logit_B_T.shape,
+                generator=generator,
+                dtype=self.gripper_logit_B_T.dtype,
+                device=self.gripper_logit_B_T.device,
+            )
+            closed = u < torch.sigmoid(self.gripper_logit_B_T)
+            g = torch.where(closed, self.close_value, self.open_value).to(arm.dtype)
+            return torch.cat([arm, g.unsqueeze(-1)], dim=-1)
+
+    def topk(self, k: int) -> StepDist:
+        raise _no(
+            "top-k form", "GaussianBernoulli (arm + gripper)", "use objective topk: null (its KLs are closed form)"
+        )
+
+    def select(self, rows: slice | Tensor) -> GaussianBernoulli:
+        return self._like(
+            self.mean_B_T_D[rows], self.std_B_T_D[rows], self.gripper_logit_B_T[rows], self.mask_B_T[rows]
+        )
+
+    def to(self, device: torch.device | str) -> GaussianBernoulli:
+        return self._like(
+            self.mean_B_T_D.to(device),
+            self.std_B_T_D.to(device),
+            self.gripper_logit_B_T.to(device),
+            self.mask_B_T.to(device),
+        )

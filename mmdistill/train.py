@@ -127,6 +127,10 @@ def build_objective(spec: dict, where: str) -> Any:
     return cls(**check_kwargs(cls, args, f"{where}.objective"))
 
 
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def step_seed(seed: int, stage: str, step: int, what: str) -> int:
     digest = hashlib.sha256(f"{seed}/{stage}/{step}/{what}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -332,6 +336,8 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         evaluated = any(k.startswith("eval_") for k in record)
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or evaluated:
             logger.log(record)
+            if cfg.tracker is not None:  # the same scalars as metrics.jsonl, one tag per stage and key
+                acc.log({f"{st.name}/{k}": v for k, v in record.items() if k != "step" and _scalar(v)}, step=step + 1)
             shown = ("loss", "student_reward") + tuple(k for k in record if k.startswith("eval_"))
             bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
         if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
