@@ -142,12 +142,10 @@ class GRPO:
             raise ValueError(f"objective.clip_eps must lie in (0, 1), got {clip_eps}")
         if kl_beta < 0:
             raise ValueError(f"objective.kl_beta must be >= 0, got {kl_beta}")
-        self.clip_eps, self.clip_eps_high, self.kl_beta, self.scale_by_std = (
-            clip_eps,
-            clip_eps_high,
-            kl_beta,
-            scale_by_std,
-        )
+        self.clip_eps = clip_eps
+        self.clip_eps_high = clip_eps_high
+        self.kl_beta = kl_beta
+        self.scale_by_std = scale_by_std
         self.needs = Needs(reference=kl_beta > 0, rewards=True, sampled_actions=True)
 
     def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:

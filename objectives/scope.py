@@ -174,13 +174,11 @@ class SCOPE:
         if mle_coef < 0:
             raise ValueError(f"objective.mle_coef must be >= 0, got {mle_coef}")
         check_clip_eps(clip_eps)
-        self.tau, self.coef, self.mle_coef, self.reward_threshold, self.clip_eps = (
-            tau,
-            coef,
-            mle_coef,
-            reward_threshold,
-            clip_eps,
-        )
+        self.tau = tau
+        self.coef = coef
+        self.mle_coef = mle_coef
+        self.reward_threshold = reward_threshold
+        self.clip_eps = clip_eps
         self.needs = Needs(teacher=True, teacher_scores=True, rewards=True, sampled_actions=True, whole_groups=True)
 
     def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:

@@ -162,13 +162,11 @@ class UniOPD:
             raise ValueError(f"objective.delta must be >= 0 (0.4 in the paper), got {delta}")
         check_gamma(gamma)
         check_clip_eps(clip_eps)
-        self.delta, self.coef, self.gamma, self.reward_threshold, self.clip_eps = (
-            delta,
-            coef,
-            gamma,
-            reward_threshold,
-            clip_eps,
-        )
+        self.delta = delta
+        self.coef = coef
+        self.gamma = gamma
+        self.reward_threshold = reward_threshold
+        self.clip_eps = clip_eps
         self.needs = Needs(teacher=True, teacher_scores=True, rewards=True, sampled_actions=True, whole_groups=True)
 
     def request(self, step: int, total_steps: int, rng: random.Random) -> RolloutRequest:
