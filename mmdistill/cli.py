@@ -248,6 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from mmdistill.interfaces import StageKind
     from mmdistill.registry import ADAPTERS, OBJECTIVES, STAGE_KINDS, TASKS
 
     for title, reg in (
@@ -258,7 +259,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     ):
         print(f"{title}:")
         for name, obj in reg.items():
-            doc = (obj.__doc__ or "").strip().splitlines()
+            doc = ((obj.run if isinstance(obj, StageKind) else obj).__doc__ or "").strip().splitlines()
             print(f"  {name:<14} {doc[0] if doc else ''}")
     import mmdistill.configs as pkg
 

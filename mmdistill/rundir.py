@@ -118,8 +118,9 @@ def wipe(run_dir: Path) -> list[str]:
     if marker is None:
         if any(run_dir.iterdir()):
             raise ConfigError(
-                f"--overwrite: '{run_dir}' has no {MARKER} marker, so it is not a run directory mmdistill created; "
-                "refusing to delete anything in it: choose another run_dir"
+                f"--overwrite: '{run_dir}' has no {MARKER} marker, so it is not a run directory mmdistill created "
+                "(or one from a version before the marker); refusing to delete anything in it: choose another run_dir, "
+                "or delete the folder yourself"
             )
         return []
     removed = []
