@@ -169,6 +169,7 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
 
 
 def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
+    """Train the stage's student with its objective: rollout, teacher scoring, update; then save and evaluate."""
     acc, adapter, cfg = ctx.accelerator, ctx.adapter, ctx.cfg
     if acc.num_processes > 1:  # not yet: prompts are not sharded and token counts not all-reduced
         raise MmdistillError(
@@ -406,6 +407,7 @@ def _eval_setup(st: StageConfig) -> dict[str, Any]:
 
 
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
+    """Evaluate each model of `evaluate:` on held-out problems (reusing a train stage's identical final evaluation)."""
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
