@@ -45,8 +45,8 @@ class StepDist(Protocol):
     Every method returns per-step tensors `[B, T]` with zeros where `mask_B_T` is 0.  A
     distribution family implements the members that make sense for it and raises a teaching
     `ValueError` for the others (e.g. `topk` on a Gaussian).  Families: `Categorical`,
-    `HiddenCategorical`, `TopKCategorical`, `RoutedCategorical`, `Gaussian`, `VelocityStepDist`
-    in `mmdistill.stepdist`.
+    `HiddenCategorical`, `TopKCategorical`, `RoutedCategorical`, `Gaussian`, `GaussianBernoulli` (robot arm
+    dimensions times a binary gripper), `VelocityStepDist` in `mmdistill.stepdist`.
     """
 
     mask_B_T: Tensor

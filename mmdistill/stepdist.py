@@ -4,8 +4,9 @@ Each class implements the whole `mmdistill.interfaces.StepDist` Protocol; a memb
 no meaning for a family (top-k of a Gaussian) raises a ValueError that says what to use.
 
 A text token is a Categorical step; a continuous robot action a diagonal
-Gaussian; a denoising step under SDE sampling a Gaussian whose mean comes from
-the velocity.  Objectives are written once against this protocol.
+Gaussian (with a binary gripper: a GaussianBernoulli); a denoising step under
+SDE sampling a Gaussian whose mean comes from the velocity.  Objectives are
+written once against this protocol.
 
 All methods return per-step tensors `[B, T]` with zeros where `mask_B_T` is 0.
 
@@ -616,9 +617,9 @@ class GaussianBernoulli:
         return arm + self.gripper_log_prob(self.gripper_closed(actions_B_T_A)) * self.mask_B_T
 
     def _gripper_entropy(self) -> Tensor:
-        l = self.gripper_logit_B_T
-        p = torch.sigmoid(l)
-        return p * F.softplus(-l) + (1 - p) * F.softplus(l)
+        z = self.gripper_logit_B_T
+        p = torch.sigmoid(z)
+        return p * F.softplus(-z) + (1 - p) * F.softplus(z)
 
     def entropy_per_dim(self) -> Tensor:
         """Per-dimension entropies `[B, T, D + 1]` (arm dims in nats of density, gripper last), 0 where masked."""
@@ -632,10 +633,10 @@ class GaussianBernoulli:
     def kl(self, other: GaussianBernoulli) -> Tensor:
         """KL(self || other) in closed form: the arm Gaussians' KL plus the grippers' Bernoulli KL."""
         other = self._check(other, "GaussianBernoulli.kl")
-        l, m = self.gripper_logit_B_T, other.gripper_logit_B_T
-        p = torch.sigmoid(l)
-        # log p = -softplus(-l), log(1 - p) = -softplus(l)
-        kl_g = p * (F.softplus(-m) - F.softplus(-l)) + (1 - p) * (F.softplus(m) - F.softplus(l))
+        z, zo = self.gripper_logit_B_T, other.gripper_logit_B_T
+        p = torch.sigmoid(z)
+        # log p = -softplus(-z), log(1 - p) = -softplus(z)
+        kl_g = p * (F.softplus(-zo) - F.softplus(-z)) + (1 - p) * (F.softplus(zo) - F.softplus(z))
         return self.arm.kl(other.arm) + kl_g * self.mask_B_T
 
     def divergence(self, teacher: GaussianBernoulli, beta: float) -> Tensor:

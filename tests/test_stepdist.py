@@ -7,6 +7,7 @@ import torch
 from mmdistill.interfaces import ObjectiveBatch, Rollout, StepDist
 from mmdistill.registry import OBJECTIVES
 from mmdistill.stepdist import (
+    GaussianBernoulli,
     Categorical,
     Gaussian,
     HiddenCategorical,
@@ -114,6 +115,7 @@ def test_every_family_is_a_complete_stepdist():
         TopKCategorical(torch.zeros(6, 2, dtype=torch.long), torch.zeros(6, 2), torch.zeros(6), mask),
         Gaussian(torch.zeros(2, 3, 2), torch.ones(2, 3, 2), mask),
         VelocityStepDist(torch.zeros(2, 3, 2), None, None, torch.zeros(2, 3), mask),
+        GaussianBernoulli(torch.zeros(2, 3, 2), torch.ones(2, 3, 2), torch.zeros(2, 3), mask),
     ]
     for d in fams:
         assert isinstance(d, StepDist), type(d).__name__
