@@ -7,9 +7,9 @@ import torch
 from mmdistill.interfaces import ObjectiveBatch, Rollout, StepDist
 from mmdistill.registry import OBJECTIVES
 from mmdistill.stepdist import (
-    GaussianBernoulli,
     Categorical,
     Gaussian,
+    GaussianBernoulli,
     HiddenCategorical,
     RoutedCategorical,
     TopKCategorical,
