@@ -52,6 +52,7 @@ from mmdistill.modalities.robot.policies import (
     VisionGaussianPolicy,
 )
 from mmdistill.modalities.robot.record import record_lerobot_dataset
+from mmdistill.modalities.robot.task import LiberoTask
 from mmdistill.modalities.robot.tokenized import BinnedGaussian, TokenizedActionPolicy, tiny_tokenized_policy
 from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 from mmdistill.registry import ADAPTERS
@@ -587,6 +588,8 @@ class RobotPolicyAdapter:
                 groups.setdefault(task.group_of(p), []).append(ok)
             if len(groups) > 1 or getattr(task, "always_group", False):
                 out["success_by_task"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        if isinstance(task, LiberoTask):  # split, protocol, per-task / per-suite success with Wilson 95% intervals
+            out.update(task.success_report(states, r.rewards_B.tolist(), cfg.split))
         if out_dir is not None and cfg.grid > 0 and hasattr(task, "render_episodes"):
             path = Path(out_dir) / f"{tag}.gif"
             task.render_episodes(r.select(slice(0, cfg.grid)), path)

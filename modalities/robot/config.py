@@ -65,9 +65,10 @@ class RobotRolloutConfig:
 class RobotEvalConfig:
     """`eval:` of a robot stage: the policy's mean action from `n` evaluation initial states.
 
-    n:           episodes (evaluation initial states, cycled when n exceeds them)
+    n:           episodes; LIBERO refuses more than the split holds (no cycling)
     batch_size:  kept for configs that set it; all `n` episodes run as one batch
-    split:       "test" (evaluation states) or "train" (training states)
+    split:       "official" (alias "test": the evaluation states), "heldout_layouts" (LIBERO: our own sampled
+                 layouts, never official or trained on; needs task.num_heldout > 0) or "train" (training states)
     grid:        episodes in the video written at every evaluation (0: none)
     """
 
@@ -80,7 +81,8 @@ class RobotEvalConfig:
         _at_least("n", self.n, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grid", self.grid, 0)
-        if self.split not in ("test", "train"):
+        if self.split not in ("official", "test", "heldout_layouts", "train"):
             raise ValueError(
-                f"split: {self.split!r} is not a split of robot tasks; use test (evaluation states) or train"
+                f"split: {self.split!r} is not a split of robot tasks; use official (alias test), heldout_layouts "
+                "or train"
             )

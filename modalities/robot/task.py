@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmdistill.errors import ConfigError
 from mmdistill.modalities.robot.envs import PointMassEnv, point_mass_initial_states
 from mmdistill.modalities.robot.libero import (
-    PROTOCOL,
     LiberoEnv,
+    check_disjoint,
     official_init_states,
     sample_train_states,
     suite_tasks,
 )
+from mmdistill.modalities.robot.protocols import DEFAULT_PROTOCOL, NUM_INIT_STATES, get_protocol, success_summary
 from mmdistill.registry import TASKS
 
 
@@ -110,11 +112,16 @@ class ReachTask:
 class LiberoTask:
     """LIBERO simulations (modalities/robot/libero.py): one suite, some or all of its tasks.
 
-    A problem is `(task_id, state)`; evaluation states are LIBERO's official initial states
-    (the first `num_eval` of 50 per task), training states are `num_train` layouts per task
-    sampled from the task's placement sampler (seeds from `train_seed`), never an evaluation one.
+    A problem is `(task_id, state)`.  Splits (`eval.split`):
+    - `official` (alias `test`): LIBERO's official initial states, the first `num_eval` of the 50
+      per task (default all 50), each used once: asking for more episodes than states is an error;
+    - `heldout_layouts`: `num_heldout` layouts per task sampled from the task's placement sampler
+      (seeds from `heldout_seed`), never official and never used for training: our own split;
+    - `train`: `num_train` sampled layouts per task (seeds from `train_seed`), never official.
+    `protocol` (modalities/robot/protocols.py) sets the step limit, the settle steps and action
+    and the environment seed; `max_steps` / `settle_steps` override it.
 
-        task: {type: libero, suite: libero_object, tasks: [0], num_eval: 20, num_train: 100, num_workers: 2}
+        task: {type: libero, suite: libero_object, tasks: [0], protocol: openvla, num_train: 100, num_workers: 2}
     """
 
     obs_dim = 8  # observation.state
@@ -122,62 +129,82 @@ class LiberoTask:
     always_group = True
     control_freq = 20  # Hz, robosuite's default in LIBERO
     robot_type = "panda"
+    SPLITS = ("official", "test", "heldout_layouts", "train")
 
     def __init__(
         self,
         suite: str = "libero_object",
         tasks: list[int] | str = "all",
-        num_eval: int = 50,
+        num_eval: int = NUM_INIT_STATES,
         num_train: int = 100,
         train_seed: int = 10_000,
         image_size: int = 64,
         render: str = "decision",
         max_steps: int | None = None,
-        settle_steps: int = 10,
+        settle_steps: int | None = None,
         num_workers: int = 0,
+        protocol: str = DEFAULT_PROTOCOL,
+        num_heldout: int = 0,
+        heldout_seed: int = 900_000,
     ):
+        self.protocol = get_protocol(protocol)
         all_tasks = suite_tasks(suite)
         ids = list(range(len(all_tasks))) if tasks == "all" else [int(t) for t in tasks]
         bad = [t for t in ids if not 0 <= t < len(all_tasks)]
         if bad or not ids:
             raise ValueError(f"task.tasks: {suite} has tasks 0..{len(all_tasks) - 1}; got {tasks}")
-        if not 0 < num_eval <= PROTOCOL["num_init_states"] or num_train < 1:
+        if not 0 < num_eval <= NUM_INIT_STATES or num_train < 1 or num_heldout < 0:
             raise ValueError(
-                f"task.num_eval must be in 1..50 (LIBERO's fixed initial states) and task.num_train >= 1; got {num_eval}, {num_train}"
+                f"task.num_eval must be in 1..{NUM_INIT_STATES} (LIBERO's fixed initial states), task.num_train >= 1 "
+                f"and task.num_heldout >= 0; got {num_eval}, {num_train}, {num_heldout}"
             )
         if num_workers < 0:
             raise ValueError(
                 f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}"
             )
         self.suite, self.task_ids, self.num_workers = suite, ids, num_workers
-        self.image_size, self.render, self.settle_steps = image_size, render, settle_steps
-        self.max_steps = int(max_steps or PROTOCOL["max_steps"][suite])
+        self.image_size, self.render = image_size, render
+        self.max_steps = int(max_steps or self.protocol.steps_for(suite))
+        self.settle_steps = self.protocol.settle_steps if settle_steps is None else int(settle_steps)
         self.languages = {t: all_tasks[t].language for t in ids}
         self.num_eval, self.num_train, self.train_seed = num_eval, num_train, train_seed
+        self.num_heldout, self.heldout_seed = num_heldout, heldout_seed
         self._states: dict[int, tuple] | None = None
 
     @property
     def states(self) -> dict[int, tuple]:
-        """Per task `(eval_states [num_eval, S], train_states [num_train, S])`; the training layouts
-        are sampled (and cached on disk) on first use, so building the task is cheap."""
+        """Per task `(eval_states [num_eval, S], train_states [num_train, S][, heldout [num_heldout, S]])`;
+        sampled layouts are made (and cached on disk) on first use, so building the task is cheap."""
         if self._states is None:
             self._states = {}
             for t in self.task_ids:
                 ev = official_init_states(self.suite, t)[: self.num_eval]
-                self._states[t] = (
-                    ev,
-                    sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev),
-                )
+                train = sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev)
+                self._states[t] = (ev, train)
+                if self.num_heldout:
+                    held = sample_train_states(self.suite, t, self.num_heldout, self.heldout_seed + 1000 * t, ev)
+                    check_disjoint(train, held, what="held-out", other="training")
+                    self._states[t] = (ev, train, held)
         return self._states
 
     def make_env(self) -> Any:
-        return LiberoEnv(self.suite, self.states, self.image_size, self.render, self.max_steps, self.settle_steps)
+        return LiberoEnv(
+            self.suite,
+            self.states,
+            self.image_size,
+            self.render,
+            self.max_steps,
+            self.settle_steps,
+            settle_action=self.protocol.settle_action,
+            env_seed=self.protocol.env_seed,
+        )
 
     def summary(self) -> str:
-        n_eval, n_train = self.num_eval, self.num_train
+        held = f" / {self.num_heldout} held-out layouts" if self.num_heldout else ""
         return (
-            f"libero: {self.suite} tasks {self.task_ids}, {n_train} training / {n_eval} evaluation initial states per task, "
-            f"{self.max_steps} steps, render={self.render} at {self.image_size}px"
+            f"libero: {self.suite} tasks {self.task_ids}, protocol {self.protocol.name}, {self.num_train} training / "
+            f"{self.num_eval} official{held} initial states per task, {self.max_steps} steps, "
+            f"render={self.render} at {self.image_size}px"
         )
 
     def language(self, problem: Any) -> str:
@@ -187,18 +214,46 @@ class LiberoTask:
         return f"{self.suite}/{int(problem[0])}"
 
     def sample_train(self, rng: random.Random) -> tuple[int, int]:
-        """A training problem: never one of the first `num_eval` (evaluation) state indices."""
+        """A training problem: never an official (evaluation) or held-out state index."""
         return (rng.choice(self.task_ids), self.num_eval + rng.randrange(self.num_train))
 
-    def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
-        """Evaluation problems: each task's states 0..num_eval-1, interleaved over tasks; `split:
-        train` gives training problems in the same order."""
-        if split == "test":
-            pool = [(t, s) for s in range(self.num_eval) for t in self.task_ids]
+    def _pool(self, split: str) -> tuple[list[tuple[int, int]], str]:
+        if split in ("official", "test"):
+            first, count, fix = 0, self.num_eval, f"task.num_eval (at most {NUM_INIT_STATES} official states per task)"
+        elif split == "heldout_layouts":
+            first, count, fix = self.num_eval + self.num_train, self.num_heldout, "task.num_heldout"
+        elif split == "train":
+            first, count, fix = self.num_eval, self.num_train, "task.num_train"
         else:
-            pool = [(t, self.num_eval + s) for s in range(self.num_train) for t in self.task_ids]
-        n = len(pool) if n is None else n
-        return [pool[i % len(pool)] for i in range(n)]
+            raise ConfigError(f"eval.split: {split!r} is not a LIBERO split; choose one of {', '.join(self.SPLITS)}")
+        return [(t, first + s) for s in range(count) for t in self.task_ids], fix
+
+    def problems(self, split: str = "official", n: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
+        """The problems of one split (see the class docstring), interleaved over tasks: all of them,
+        or the first `n`.  More than the split holds is a ConfigError, never a wrap-around."""
+        pool, fix = self._pool(split)
+        if n is None:
+            return pool
+        if n > len(pool):
+            raise ConfigError(
+                f"eval.n: {n} episodes asked of split {split!r}, which has {len(pool)} initial states "
+                f"({len(self.task_ids)} tasks x {len(pool) // len(self.task_ids)}); set eval.n <= {len(pool)} or raise {fix}"
+            )
+        return pool[:n]
+
+    def success_report(self, problems: list, successes: list[float], split: str = "official") -> dict[str, Any]:
+        """Success per task and per suite with Wilson 95% intervals, and the split and protocol
+        they were measured under (for report.json)."""
+        by_task: dict[str, list[float]] = {}
+        for p, ok in zip(problems, successes):
+            by_task.setdefault(self.group_of(p), []).append(float(ok))
+        return {
+            "split": "official" if split == "test" else split,
+            "protocol": self.protocol.name,
+            "max_steps": self.max_steps,
+            "success_by_task_ci": {g: success_summary(v) for g, v in sorted(by_task.items())},
+            "success_by_suite_ci": {self.suite: success_summary([float(x) for x in successes])},
+        }
 
     def render_episodes(self, rollout: Any, path: Any) -> None:
         """An animated GIF of up to 8 episodes side by side, one frame per decision (the camera
