@@ -46,6 +46,7 @@ from mmdistill.modalities.robot.lerobot import (
     tiny_act,
 )
 from mmdistill.modalities.robot.policies import (
+    FunnelPickPlaceExpert,
     GaussianMLPPolicy,
     ScriptedPickPlaceExpert,
     ScriptedReachExpert,
@@ -65,6 +66,7 @@ POLICIES = {
     "scripted_reach": ScriptedReachExpert,
     "vision_gaussian": VisionGaussianPolicy,
     "scripted_pick_place": ScriptedPickPlaceExpert,
+    "funnel_pick_place": FunnelPickPlaceExpert,
 }
 KINDS = (*POLICIES, TokenizedActionPolicy.kind)  # `kind` values of config.json in directories this adapter saves
 
@@ -269,6 +271,8 @@ class RobotPolicyAdapter:
                 model = ScriptedReachExpert(t.gain, t.std)
             elif t.kind == "scripted_pick_place":
                 model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
+            elif t.kind == "funnel_pick_place":
+                model = FunnelPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
             elif t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
                 words = sorted({w for text in getattr(self.task, "languages", {}).values() for w in text.split()})
                 model = tiny_tokenized_policy(

@@ -19,10 +19,17 @@ def _at_least(name: str, value: float | int, low: float | int) -> None:
 @dataclass
 class TinyPolicyConfig:
     """A policy built from this section: a Gaussian MLP or small vision student, or a scripted
-    expert (`scripted_reach` for the point mass, `scripted_pick_place` for LIBERO)."""
+    expert (`scripted_reach` for the point mass, `scripted_pick_place` for LIBERO; `funnel_pick_place` is the LIBERO
+    expert that recovers from a student's states: funnel descent, wider closing box, re-grasp, orientation)."""
 
     kind: Literal[
-        "gaussian_mlp", "vision_gaussian", "scripted_reach", "scripted_pick_place", "lerobot_act", "tokenized_lm"
+        "gaussian_mlp",
+        "vision_gaussian",
+        "scripted_reach",
+        "scripted_pick_place",
+        "funnel_pick_place",
+        "lerobot_act",
+        "tokenized_lm",
     ] = "gaussian_mlp"
     hidden: int = 64
     layers: int = 2

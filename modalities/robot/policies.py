@@ -270,3 +270,156 @@ class ScriptedPickPlaceExpert(nn.Module):
             .reshape(B, T, -1)
         )
         return Gaussian(a, torch.full_like(a, self.std), mask_B_T)
+
+
+def _rotvec_to_matrix(rv_N_3: Tensor) -> Tensor:
+    """Rotation matrices `[N, 3, 3]` of axis-angle vectors `[N, 3]` (Rodrigues)."""
+    angle = rv_N_3.norm(dim=-1, keepdim=True)
+    axis = rv_N_3 / angle.clamp_min(1e-8)
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)
+    s, c = angle.sin().unsqueeze(-1), angle.cos().unsqueeze(-1)
+    eye = torch.eye(3, dtype=rv_N_3.dtype, device=rv_N_3.device).expand_as(K)
+    return eye + s * K + (1 - c) * (K @ K)
+
+
+def _matrix_to_rotvec(R_N_3_3: Tensor) -> Tensor:
+    """Axis-angle `[N, 3]` of rotation matrices (angles below pi; at pi the axis is arbitrary but bounded)."""
+    cos = ((R_N_3_3.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    angle = cos.acos()
+    vee = torch.stack(
+        [R_N_3_3[:, 2, 1] - R_N_3_3[:, 1, 2], R_N_3_3[:, 0, 2] - R_N_3_3[:, 2, 0], R_N_3_3[:, 1, 0] - R_N_3_3[:, 0, 1]],
+        -1,
+    )
+    scale = torch.where(angle < 1e-6, torch.full_like(angle, 0.5), angle / (2 * angle.sin().clamp_min(1e-6)))
+    return vee * scale.unsqueeze(-1)
+
+
+class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
+    """The scripted pick-and-place expert made to recover from states its own trajectories never
+    visit (a student's, or its own samples at a large std), still memoryless and privileged:
+
+    - reach in a funnel: the target height above the grasp point grows with the xy error,
+      `clamp(slope * (d_xy - funnel_free), 0, approach)`, instead of climbing back to the approach
+      height whenever the end effector is more than `xy_tol` off; the xy target is always the grasp;
+    - close inside a wider box (`close_xy` in xy, `close_dz` above the grasp), and keep closing
+      while the fingers close around the object;
+    - re-grasp after a drop: closed on nothing (finger width below `empty_width`) or closed away
+      from the object (it was not lifted) -> open and rise toward the approach height;
+    - place in a funnel too: lower over the target as the xy error shrinks, open within `place_xy`;
+    - correct orientation: the rotation dimensions (world-frame axis-angle deltas) drive the end
+      effector back to `ref_rotvec` (gripper pointing down, LIBERO's start) from the 8-D
+      `observation.state` (its axis-angle, entries 3:6); without that key rotation stays 0.
+
+    The step distribution stays `N(label, std^2)` per dimension, as the base expert's.
+    """
+
+    kind = "funnel_pick_place"
+
+    def __init__(
+        self,
+        gain: float = 10.0,
+        std: float = 0.1,
+        chunk_size: int = 1,
+        grasp_dz: float = 0.02,
+        funnel_slope: float = 1.5,
+        funnel_free: float = 0.01,
+        close_xy: float = 0.02,
+        close_dz: float = 0.015,
+        empty_width: float = 0.01,
+        place_slope: float = 1.5,
+        place_free: float = 0.02,
+        place_xy: float = 0.03,
+        rot_gain: float = 1.0,
+        ref_rotvec: tuple[float, float, float] = (math.pi, 0.0, 0.0),
+        **base: float,
+    ):
+        super().__init__(gain, std, chunk_size, grasp_dz, **base)
+        self.p.update(
+            funnel_slope=funnel_slope,
+            funnel_free=funnel_free,
+            close_xy=close_xy,
+            close_dz=close_dz,
+            empty_width=empty_width,
+            place_slope=place_slope,
+            place_free=place_free,
+            place_xy=place_xy,
+            rot_gain=rot_gain,
+        )
+        self.ref_rotvec = tuple(float(v) for v in ref_rotvec)
+        self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p, "ref_rotvec": self.ref_rotvec}
+
+    def rotation(self, rotvec_N_3: Tensor) -> Tensor:
+        """Rotation actions `[N, 3]`: `rot_gain` times the world-frame axis-angle from the current
+        end-effector orientation (axis-angle `[N, 3]`) to `ref_rotvec`, clipped to [-1, 1]."""
+        ref = torch.tensor(self.ref_rotvec, dtype=rotvec_N_3.dtype, device=rotvec_N_3.device).expand_as(rotvec_N_3)
+        R_err = _rotvec_to_matrix(ref) @ _rotvec_to_matrix(rotvec_N_3).transpose(-1, -2)
+        return (self.p["rot_gain"] * _matrix_to_rotvec(R_err)).clamp(-1, 1)
+
+    def action(self, priv_N_P: Tensor, rotvec_N_3: Tensor | None = None) -> Tensor:
+        """The controller's action `[N, 7]` from privileged states `[N, 13]` and, when given, the
+        end effector's axis-angle `[N, 3]` (else no rotation)."""
+        p = self.p
+        eef, gq, gv, obj, tgt = (
+            priv_N_P[:, 0:3],
+            priv_N_P[:, 3:5],
+            priv_N_P[:, 5:7],
+            priv_N_P[:, 7:10],
+            priv_N_P[:, 10:13],
+        )
+        up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
+
+        def move(target: Tensor) -> Tensor:
+            return (p["gain"] * (target - eef)).clamp(-1, 1)
+
+        def col(c: Tensor) -> Tensor:
+            return c.unsqueeze(-1)
+
+        width = gq[:, 0] - gq[:, 1]
+        grasp = obj + p["grasp_dz"] * up
+        near = (eef - grasp).norm(dim=-1) < p["near"]
+        closed = width < p["open_width"] - 0.004
+        empty = width < p["empty_width"]  # closed on nothing: the fingers touch
+        in_target = ((obj[:, :2] - tgt[:, :2]).norm(dim=-1) < p["target_radius"]) & (
+            obj[:, 2] < tgt[:, 2] + p["target_height"]
+        )
+        held = near & closed & ~empty & (gv.abs().amax(-1) < p["still"])
+        release = in_target & ~(near & closed & ~empty & (obj[:, 2] > tgt[:, 2] + 0.06))
+        # carrying: lift, move over the target, lower in a funnel, open within place_xy
+        to_tgt = torch.cat([tgt[:, :2] - obj[:, :2], torch.zeros_like(obj[:, :1])], -1)
+        off_z = (eef - obj)[:, 2]
+        d_tgt = to_tgt.norm(dim=-1)
+        h_place = (p["place_slope"] * (d_tgt - p["place_free"])).clamp(0, p["carry"] - p["drop"])
+        place_z = tgt[:, 2] + p["drop"] + h_place
+        low = obj[:, 2] < place_z - 0.03
+        over_xy = (eef + to_tgt)[:, :2]
+        held_xy = torch.where(col(low & (d_tgt > 0.3)), eef[:, :2], over_xy)  # far and low: lift first
+        held_pos = move(torch.cat([held_xy, col(place_z + off_z)], -1))
+        held_g = torch.where((d_tgt > p["place_xy"]) | (obj[:, 2] > tgt[:, 2] + p["drop"] + 0.02), 1.0, -1.0)
+        # reaching: reopen if closed on nothing or away from the object, descend in a funnel, close
+        lost = (closed & ~near) | (closed & empty)
+        d_xy = (eef[:, :2] - grasp[:, :2]).norm(dim=-1)
+        h = (p["funnel_slope"] * (d_xy - p["funnel_free"])).clamp(0, p["approach"])
+        funnel = move(torch.cat([grasp[:, :2], col(grasp[:, 2] + h)], -1))
+        regrasp = move(torch.cat([grasp[:, :2], col(torch.maximum(eef[:, 2], grasp[:, 2] + p["approach"]))], -1))
+        reach_pos = torch.where(col(lost), regrasp, funnel)
+        in_box = (d_xy <= p["close_xy"]) & (eef[:, 2] <= grasp[:, 2] + p["close_dz"])
+        reach_g = torch.where(~lost & (in_box | (closed & near)), 1.0, -1.0)
+        pos = torch.where(col(release), move(eef + 0.1 * up), torch.where(col(held), held_pos, reach_pos))
+        g = torch.where(release, -1.0, torch.where(held, held_g, reach_g))
+        rot = torch.zeros_like(pos) if rotvec_N_3 is None else self.rotation(rotvec_N_3)
+        return torch.cat([pos, rot, col(g)], -1)
+
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+        priv = obs["observation.environment_state"]
+        B, T, P = priv.shape
+        state = obs.get("observation.state") if isinstance(obs, dict) else None
+        rotvec = None if state is None else state[..., 3:6].reshape(B * T, 3).float()
+        a = (
+            self.action(priv.reshape(B * T, P).float(), rotvec)
+            .view(B, T, 1, 7)
+            .expand(B, T, self.chunk_size, 7)
+            .reshape(B, T, -1)
+        )
+        return Gaussian(a, torch.full_like(a, self.std), mask_B_T)
