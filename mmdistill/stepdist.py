@@ -37,13 +37,11 @@ from mmdistill.kernels import (
 
 def _rows(mask_B_T: Tensor, rows: slice | Tensor) -> Tensor:
     """Indices into the masked (row-major) entries `[N]` that belong to batch rows `rows`, in their order."""
-    counts_B = mask_B_T.bool().sum(1)
-    starts_B = counts_B.cumsum(0) - counts_B
+    row_of_N = mask_B_T.bool().nonzero()[:, 0]
     picked = torch.arange(mask_B_T.shape[0], device=mask_B_T.device)[rows]
-    parts = [
-        torch.arange(int(starts_B[r]), int(starts_B[r] + counts_B[r]), device=mask_B_T.device) for r in picked.tolist()
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=mask_B_T.device)
+    if picked.numel() < 2 or bool((picked[1:] > picked[:-1]).all()):  # slices and sorted routing rows: one mask
+        return torch.isin(row_of_N, picked).nonzero()[:, 0]
+    return torch.cat([(row_of_N == r).nonzero()[:, 0] for r in picked.tolist()])  # any other order, kept
 
 
 def _no(what: str, family: str, fix: str) -> ValueError:

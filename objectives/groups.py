@@ -12,13 +12,15 @@ records every row's full group size before micro-batching; `check_whole_groups` 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mmdistill.interfaces import Rollout
+from mmdistill.interfaces import ObjectiveBatch, Rollout
+from mmdistill.objectives.opd import sampled_logps
 
-__all__ = ["rewards_of", "group_ids_of", "with_group_sizes", "check_whole_groups"]
+__all__ = ["rewards_of", "group_ids_of", "with_group_sizes", "check_whole_groups", "whole_group_loss"]
 
 
 def rewards_of(r: Rollout, name: str) -> Tensor:
@@ -55,3 +57,26 @@ def check_whole_groups(r: Rollout, name: str) -> None:
             f"objective '{name}' normalises over whole prompt groups, but a micro-batch holds {int(here_B.min())} of "
             f"{int(full_B.max())} rollouts of a group; set train.micro_batch_size to a multiple of rollout.group_size"
         )
+
+
+def whole_group_loss(
+    b: ObjectiveBatch, name: str, reward_threshold: float, loss_fn: Any, **hyper: Any
+) -> tuple[Tensor, dict[str, float]]:
+    """`loss_fn(logp, behavior, teacher, mask, correct_B, group_ids_B, normalizer=..., **hyper)` on a micro-batch
+    of whole prompt groups (SCOPE, Uni-OPD), with the mean reward added to its metrics."""
+    r = b.rollout
+    check_whole_groups(r, name)
+    correct_B = rewards_of(r, name) >= reward_threshold
+    logp_B_T, teacher_logp_B_T = sampled_logps(b)
+    loss, metrics = loss_fn(
+        logp_B_T,
+        r.behavior_logp_B_T,
+        teacher_logp_B_T,
+        r.mask_B_T,
+        correct_B,
+        group_ids_of(r, name),
+        normalizer=b.normalizer,
+        **hyper,
+    )
+    metrics["reward"] = float(r.rewards_B.float().mean())
+    return loss, metrics

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
-from mmdistill.objectives.groups import check_whole_groups, group_ids_of, rewards_of, with_group_sizes
-from mmdistill.objectives.opd import check_clip_eps, opd_advantages, sampled_logps
+from mmdistill.objectives.groups import whole_group_loss, with_group_sizes
+from mmdistill.objectives.opd import check_clip_eps, opd_advantages
 from mmdistill.objectives.policy_gradient import (
     check_same_shape,
     masked_sum,
@@ -188,22 +188,13 @@ class SCOPE:
         return with_group_sizes(rollout, "scope")
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
-        r = b.rollout
-        check_whole_groups(r, "scope")
-        correct_B = rewards_of(r, "scope") >= self.reward_threshold
-        logp_B_T, teacher_logp_B_T = sampled_logps(b)
-        loss, metrics = scope_loss(
-            logp_B_T,
-            r.behavior_logp_B_T,
-            teacher_logp_B_T,
-            r.mask_B_T,
-            correct_B,
-            group_ids_of(r, "scope"),
+        return whole_group_loss(
+            b,
+            "scope",
+            self.reward_threshold,
+            scope_loss,
             tau=self.tau,
             coef=self.coef,
             mle_coef=self.mle_coef,
             clip_eps=self.clip_eps,
-            normalizer=b.normalizer,
         )
-        metrics["reward"] = float(r.rewards_B.float().mean())
-        return loss, metrics

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from mmdistill.interfaces import Needs, ObjectiveBatch, Rollout, RolloutRequest
-from mmdistill.objectives.groups import check_whole_groups, group_ids_of, rewards_of, with_group_sizes
-from mmdistill.objectives.opd import check_clip_eps, check_gamma, opd_advantages, sampled_logps
+from mmdistill.objectives.groups import whole_group_loss, with_group_sizes
+from mmdistill.objectives.opd import check_clip_eps, check_gamma, opd_advantages
 from mmdistill.objectives.policy_gradient import check_same_shape, masked_sum, policy_gradient_loss
 from mmdistill.registry import OBJECTIVES
 
@@ -176,22 +176,13 @@ class UniOPD:
         return with_group_sizes(rollout, "uniopd")
 
     def __call__(self, b: ObjectiveBatch) -> tuple[Tensor, dict[str, float]]:
-        r = b.rollout
-        check_whole_groups(r, "uniopd")
-        correct_B = rewards_of(r, "uniopd") >= self.reward_threshold
-        logp_B_T, teacher_logp_B_T = sampled_logps(b)
-        loss, metrics = uniopd_loss(
-            logp_B_T,
-            r.behavior_logp_B_T,
-            teacher_logp_B_T,
-            r.mask_B_T,
-            correct_B,
-            group_ids_of(r, "uniopd"),
+        return whole_group_loss(
+            b,
+            "uniopd",
+            self.reward_threshold,
+            uniopd_loss,
             delta=self.delta,
             coef=self.coef,
             gamma=self.gamma,
             clip_eps=self.clip_eps,
-            normalizer=b.normalizer,
         )
-        metrics["reward"] = float(r.rewards_B.float().mean())
-        return loss, metrics

@@ -156,6 +156,12 @@ def gaussian_log_prob(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
     return (-((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def split_privileged(priv_N_P: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The privileged LIBERO state `[N, 13]` as (end effector xyz, gripper joints, gripper joint velocities,
+    object xyz, target xyz)."""
+    return priv_N_P[:, 0:3], priv_N_P[:, 3:5], priv_N_P[:, 5:7], priv_N_P[:, 7:10], priv_N_P[:, 10:13]
+
+
 class ScriptedPickPlaceExpert(nn.Module):
     """A privileged scripted expert for LIBERO pick-and-place: reads the end effector, gripper,
     object and place-target positions from `observation.environment_state` (layout
@@ -209,13 +215,7 @@ class ScriptedPickPlaceExpert(nn.Module):
     def action(self, priv_N_P: Tensor) -> Tensor:
         """The controller's action `[N, 7]` from privileged states `[N, 13]`."""
         p = self.p
-        eef, gq, gv, obj, tgt = (
-            priv_N_P[:, 0:3],
-            priv_N_P[:, 3:5],
-            priv_N_P[:, 5:7],
-            priv_N_P[:, 7:10],
-            priv_N_P[:, 10:13],
-        )
+        eef, gq, gv, obj, tgt = split_privileged(priv_N_P)
         up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
 
         def move(target: Tensor) -> Tensor:
@@ -361,13 +361,7 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
         """The controller's action `[N, 7]` from privileged states `[N, 13]` and, when given, the
         end effector's axis-angle `[N, 3]` (else no rotation)."""
         p = self.p
-        eef, gq, gv, obj, tgt = (
-            priv_N_P[:, 0:3],
-            priv_N_P[:, 3:5],
-            priv_N_P[:, 5:7],
-            priv_N_P[:, 7:10],
-            priv_N_P[:, 10:13],
-        )
+        eef, gq, gv, obj, tgt = split_privileged(priv_N_P)
         up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
 
         def move(target: Tensor) -> Tensor:
