@@ -105,10 +105,14 @@ def save_training_state(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int = 2,
+    staged: list[Path] | tuple[Path, ...] = (),
 ) -> Path:
-    """Write `ckpt_root/step_NNNNNN` atomically, point latest.txt at it, prune old ones."""
+    """Write `ckpt_root/step_NNNNNN` atomically, point latest.txt at it, prune old ones.  `staged` files
+    (each rank's replay buffer, see `stage_replay`) are moved inside before the rename."""
     final = Path(ckpt_root) / f"step_{step:06d}"
     with atomic_dir(final) as tmp:
+        for f in staged:
+            os.replace(f, tmp / f.name.split("_", 2)[-1])  # .replay_NNNNNN_rankR.pt -> rankR.pt
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(_dedupe_shared(state), str(tmp / "model.safetensors"))
         torch.save(
@@ -175,3 +179,40 @@ def _not_tied(model: torch.nn.Module, missing: list[str], loaded: dict[str, torc
     state = model.state_dict()
     loaded_ptrs = {state[k].untyped_storage().data_ptr() for k in loaded if k in state}
     return [m for m in missing if state[m].untyped_storage().data_ptr() not in loaded_ptrs]
+
+
+def stage_replay(ckpt_root: Path, step: int, replay: list[tuple[str, Any]], rank: int) -> Path:
+    """Write this rank's replay buffer ((tag, Rollout) pairs) beside the checkpoint about to be saved;
+    `save_training_state` moves it inside, so a checkpoint and its buffer appear together or not at all."""
+    path = Path(ckpt_root) / f".replay_{step:06d}_replay-rank{rank}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(list(replay), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def staged_replay_files(ckpt_root: Path, step: int, world: int) -> list[Path]:
+    return [Path(ckpt_root) / f".replay_{step:06d}_replay-rank{r}.pt" for r in range(world)]
+
+
+def load_replay(path: Path, world: int, rank: int) -> list[tuple[str, Any]]:
+    """The replay chunks this rank holds: those of its shards (tag "STEP" or "STEP/SHARD", shard s on rank
+    s % world), from every saved rank's file, so a run resumes at another process count.  The files are the
+    run's own pickles (Rollouts hold arbitrary contexts), written by `stage_replay`."""
+    chunks: list[tuple[str, Any]] = []
+    files = sorted(Path(path).glob("replay-rank*.pt"))
+    if not files:
+        raise CheckpointError(
+            f"checkpoint {path} has no replay buffer but train.replay_rounds > 0; it was saved without replay: "
+            "resume with the replay_rounds it was trained with, or delete the checkpoints to restart the stage"
+        )
+    for f in files:
+        chunks += torch.load(f, weights_only=False)  # noqa: S614 - our own file, written by stage_replay
+
+    def key(tag: str) -> tuple[int, int]:
+        step_s, _, shard_s = tag.partition("/")
+        return int(step_s), int(shard_s or 0)
+
+    mine = [(t, r) for t, r in chunks if key(t)[1] % world == rank]
+    return [(t, r) for t, r in sorted(mine, key=lambda c: key(c[0]))]

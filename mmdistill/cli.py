@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from mmdistill.errors import MmdistillError
+from mmdistill.errors import Interrupted, MmdistillError
 
 
 def _parse_task_args(items: list[str]) -> dict:
@@ -37,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmdistill.pipeline import run_pipeline
     from mmdistill.rundir import check_usable, claim_check, expand, read_marker, wipe
 
+    if args.num_processes and "LOCAL_RANK" not in os.environ:
+        return launch(args.num_processes)
     if args.resume:
         run_dir = expand(args.resume)
         check_usable(run_dir)
@@ -61,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"run_dir={json.dumps(args.run_dir)}")  # quoted: `--run-dir ~` is a path, not YAML null
     cfg = load_config(args.config, overrides)
     run_dir = expand(cfg.run_dir)
-    if args.overwrite:
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:  # one process deletes; the others meet it later
         removed = wipe(run_dir)
         if removed and not args.quiet:
             print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
@@ -270,6 +273,52 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch(num_processes: int) -> int:
+    """`mmdistill train --num-processes N ...`: the same command under `accelerate launch` (DDP on GPUs; on a
+    machine without GPUs, N gloo processes on the CPU, which `accelerate launch --cpu` would not start)."""
+    import subprocess
+
+    if num_processes < 1:
+        raise MmdistillError(f"--num-processes: {num_processes} is below 1; give the number of processes to launch")
+    argv = sys.argv[1:]
+    rest = []
+    skip = False
+    for i, a in enumerate(argv):  # drop --num-processes N / --num-processes=N, keep everything else
+        if skip:
+            skip = False
+            continue
+        if a == "--num-processes":
+            skip = True
+            continue
+        if a.startswith("--num-processes="):
+            continue
+        rest.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+    ]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu"]  # with Accelerator(cpu=True) on a CPU box this gives gloo processes
+    cmd += ["-m", "mmdistill", *rest]
+    env = dict(os.environ)
+    if not _has_cuda():  # CPU processes share the cores: one thread each unless the user says otherwise
+        env.setdefault("OMP_NUM_THREADS", "1")
+    print(f"[launch] {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmdistill", description="Teacher-to-student distillation across modalities.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -285,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where outputs go (same as run_dir=...)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument(
+        "--num-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data-parallel over N processes through `accelerate launch` (GPUs, or gloo on the CPU)",
+    )
     t.set_defaults(fn=cmd_train)
 
     for name, fn, hlp in (
@@ -366,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + (e.signum or 2)
     except MmdistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -107,6 +107,13 @@ class TrainConfig:
     # >= batch_size: the teacher scores the whole rollout in one forward, not per micro-batch
     teacher_batch_size: int | None = None
     max_nonfinite_steps: int = 5  # optimizer steps in a row with a NaN / inf loss or gradient before the run stops
+    # an optimizer step per shuffled minibatch of this many rows (of the fresh batch); None: one per pass
+    minibatch_size: int | None = None
+    # DAgger-style aggregation: also train on the rollouts of the previous K steps (closed-form objectives only)
+    replay_rounds: int = 0
+    # sampling shards of a global batch, each with its own generator (default: the number of processes); equal
+    # shards give equal runs on any process count that divides them
+    rollout_shards: int | None = None
 
 
 @dataclass
@@ -648,6 +655,9 @@ def _check_train_keys(st: StageConfig, where: str) -> None:
         ("teacher_batch_size", 1),
         ("max_nonfinite_steps", 1),
         ("updates_per_rollout", 1),
+        ("minibatch_size", 1),
+        ("replay_rounds", 0),
+        ("rollout_shards", 1),
         ("save_every", 0),
         ("eval_every", 0),
         ("lr", 0.0),
@@ -662,6 +672,12 @@ def _check_train_keys(st: StageConfig, where: str) -> None:
     if st.train.micro_batch_size is not None and st.train.batch_size % st.train.micro_batch_size:
         raise ConfigError(
             f"{where}.train.micro_batch_size={st.train.micro_batch_size} must divide train.batch_size={st.train.batch_size}"
+        )
+    mb = st.train.minibatch_size
+    if mb is not None and (st.train.batch_size % mb or mb % st.rollout.group_size):
+        raise ConfigError(
+            f"{where}.train.minibatch_size={mb} must divide train.batch_size={st.train.batch_size} and be a multiple "
+            f"of rollout.group_size={st.rollout.group_size}"
         )
     if st.train.batch_size % st.rollout.group_size:
         raise ConfigError(

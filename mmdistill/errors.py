@@ -18,3 +18,11 @@ class CompatibilityError(MmdistillError):
 
 class CheckpointError(MmdistillError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class Interrupted(MmdistillError):
+    """The run was stopped by SIGTERM / Ctrl-C after saving a checkpoint; the CLI exits 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum

@@ -453,8 +453,11 @@ class StageKind:
             anchor, objective), "teacher" (exactly one teacher: precompute), "evaluate" (the report key ->
             model map of `evaluate:`, no teacher)
     check:  the kind's own check of the stage (its `options:`), called at config load; None for none
+    every_rank: run on every process of a multi-process run (the kind shards its own work and writes from
+            rank 0); False: rank 0 runs it alone while the others wait, and every rank gets its result
     """
 
     run: StageRunner
     uses: Literal["train", "teacher", "evaluate"]
     check: Callable[[Any], None] | None = None
+    every_rank: bool = False

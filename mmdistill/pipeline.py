@@ -16,25 +16,40 @@ import torch
 
 from mmdistill.checkpoint import atomic_dir, atomic_write_text
 from mmdistill.config import RunConfig, save_resolved
+from mmdistill.distributed import barrier, broadcast
+from mmdistill.errors import ConfigError, Interrupted
 from mmdistill.registry import ADAPTERS, STAGE_KINDS
 from mmdistill.report import build_report, plot_report, print_table
 from mmdistill.rundir import claim, expand, mark_running, read_marker
+from mmdistill.signals import STOP
 from mmdistill.train import RunContext, build_task
 
 
 def make_accelerator(device: str, tracker: str | None = None, run_dir: Path | None = None) -> Any:
-    """The run's Accelerator; with `tracker`, accelerate's tracker of that name writes to RUN_DIR/tracking."""
+    """The run's Accelerator (and its process group when launched on several processes); with `tracker`,
+    accelerate's tracker of that name will write to RUN_DIR/tracking once `start_tracking` is called."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     if device == "cuda" and not torch.cuda.is_available():
-        from mmdistill.errors import ConfigError
-
         raise ConfigError("device: 'cuda' was asked for but no GPU is visible; set device=auto or device=cpu")
     if tracker is None:
-        return Accelerator(cpu=device == "cpu")
-    acc = Accelerator(cpu=device == "cpu", log_with=tracker, project_dir=str(Path(run_dir) / "tracking"))
-    acc.init_trackers(project_name=Path(run_dir).name or "mmdistill")
+        acc = Accelerator(cpu=device == "cpu")
+    else:
+        acc = Accelerator(cpu=device == "cpu", log_with=tracker, project_dir=str(Path(run_dir) / "tracking"))
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(
+            f"accelerate is configured for {acc.distributed_type.value}, which mmdistill does not drive yet; launch "
+            "data-parallel (DDP): `accelerate launch --multi_gpu --num_processes N -m mmdistill train CONFIG` "
+            "(docs/scaling.md)"
+        )
     return acc
+
+
+def start_tracking(acc: Any, tracker: str | None, run_dir: Path) -> None:
+    """Open the run's trackers (rank 0 only: accelerate's trackers log from the main process)."""
+    if tracker is not None:
+        acc.init_trackers(project_name=Path(run_dir).name or "mmdistill")
 
 
 def quiet_library_logs() -> None:
@@ -68,14 +83,23 @@ def run_pipeline(
     for name, m in cfg.models.items():  # pre-flight: checkpoints are of the adapter's kind
         if m.path is not None and m.kind == "checkpoint":
             adapter_cls.check_checkpoint(m.path, name)
-    if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
-        claim(run_dir, names, config_path)  # a fresh run
-    save_resolved(cfg, run_dir / "config.yaml")
-    acc = make_accelerator(cfg.device, cfg.tracker, run_dir)
+    acc = make_accelerator(cfg.device, cfg.tracker, run_dir)  # on N processes: every rank meets here
+    world, main = acc.num_processes, acc.is_main_process
+    quiet = quiet or not main
+    if main:
+        if read_marker(run_dir) is None and not (run_dir / "config.yaml").is_file():
+            claim(run_dir, names, config_path)  # a fresh run
+        save_resolved(cfg, run_dir / "config.yaml")
+    barrier(world)
+    start_tracking(acc, cfg.tracker, run_dir)
     summary = task.summary()
     if summary and not quiet:
         print(f"[task] {summary}")
-    tokenizer = _run_tokenizer(cfg, adapter_cls, task, run_dir)
+    if main:
+        tokenizer = _run_tokenizer(cfg, adapter_cls, task, run_dir)
+    barrier(world)  # rank 0 built and saved it; the others load it
+    if not main:
+        tokenizer = _run_tokenizer(cfg, adapter_cls, task, run_dir)
     for name, m in cfg.models.items():  # pre-flight: every checkpoint must share the run's tokenizer
         if m.path is not None and m.kind == "checkpoint" and tokenizer is not None:
             adapter_cls.check_tokenizer_of(
@@ -87,25 +111,39 @@ def run_pipeline(
     adapter.bind(task)  # adapters whose models depend on the task (the environment's sizes)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=acc, adapter=adapter, task=task, quiet=quiet)
 
-    mark_running(run_dir, names)  # from here on the directory holds a run to resume
+    if main:
+        mark_running(run_dir, names)  # from here on the directory holds a run to resume
     t0 = time.time()
-    for st in cfg.stages:
-        result_path = run_dir / st.name / "result.json"
-        if result_path.exists():
-            ctx.stage_results[st.name] = json.loads(result_path.read_text())
+    with STOP.installed():
+        for st in cfg.stages:
+            result_path = run_dir / st.name / "result.json"
+            if result_path.exists():
+                ctx.stage_results[st.name] = json.loads(result_path.read_text())
+                if not quiet:
+                    print(f"[{st.name}] already done, skipped")
+                continue
             if not quiet:
-                print(f"[{st.name}] already done, skipped")
-            continue
-        if not quiet:
-            print(f"[{st.name}] {st.kind} stage starting")
-        result = STAGE_KINDS.get(st.kind).run(ctx, st)
-        atomic_write_text(result_path, json.dumps(result, indent=1))
-        ctx.stage_results[st.name] = result
+                print(f"[{st.name}] {st.kind} stage starting")
+            kind = STAGE_KINDS.get(st.kind)
+            if kind.every_rank or world == 1:
+                result = kind.run(ctx, st)
+            else:  # a kind that does not shard its work: rank 0 runs it, the others wait for its result
+                result = broadcast(kind.run(ctx, st) if main else None, world)
+            if main:
+                atomic_write_text(result_path, json.dumps(result, indent=1))
+            ctx.stage_results[st.name] = result
+            barrier(world)
+            if STOP.requested and st is not cfg.stages[-1]:
+                raise Interrupted(
+                    f"stopped by {STOP.name()} after stage '{st.name}'; continue with `mmdistill train --resume {run_dir}`",
+                    STOP.signum,
+                )
     report = build_report(ctx.stage_results, seconds=time.time() - t0)
     if cfg.tracker is not None:
         acc.end_training()
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
-    plot_report(ctx.stage_results, run_dir, run_dir / "report.png")
+    if main:
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
+        plot_report(ctx.stage_results, run_dir, run_dir / "report.png")
     if not quiet:
         print_table(report)
         print(f"report: {run_dir / 'report.json'}")

@@ -27,13 +27,32 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmdistill.checkpoint import atomic_dir, latest_checkpoint, load_training_state, save_training_state
+from mmdistill.checkpoint import (
+    atomic_dir,
+    latest_checkpoint,
+    load_replay,
+    load_training_state,
+    save_training_state,
+    stage_replay,
+    staged_replay_files,
+)
 from mmdistill.config import ModelConfig, RunConfig, StageConfig, check_kwargs
-from mmdistill.errors import CheckpointError, MmdistillError
-from mmdistill.interfaces import Adapter, Objective, ObjectiveBatch, StageKind, Task
+from mmdistill.distributed import (
+    all_sum,
+    any_rank,
+    barrier,
+    broadcast,
+    broadcast_parameters,
+    local_shards,
+    sum_dicts,
+    sum_gradients,
+)
+from mmdistill.errors import CheckpointError, ConfigError, Interrupted, MmdistillError
+from mmdistill.interfaces import Adapter, Objective, ObjectiveBatch, Rollout, StageKind, Task
 from mmdistill.metrics import MetricsLogger, plot_curves
 from mmdistill.registry import OBJECTIVES, STAGE_KINDS, TASKS
 from mmdistill.report import headline
+from mmdistill.signals import STOP
 
 
 @dataclass
@@ -169,18 +188,26 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
 
 
 def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
-    """Train the stage's student with its objective: rollout, teacher scoring, update; then save and evaluate."""
+    """Train the stage's student with its objective: rollout, teacher scoring, update; then save and evaluate.
+
+    On N processes each rank rolls out its shards of the global batch (see mmdistill/distributed.py); losses
+    are normalised by the global step count and gradients summed over ranks; rank 0 writes every file."""
     acc, adapter, cfg = ctx.accelerator, ctx.adapter, ctx.cfg
-    if acc.num_processes > 1:  # not yet: prompts are not sharded and token counts not all-reduced
-        raise MmdistillError(
-            f"training on {acc.num_processes} processes is not supported yet; run one process (one GPU or the CPU) per run"
-        )
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    quiet = ctx.quiet or not main
     stage_dir = ctx.run_dir / st.name
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
     task = ctx.build_task(st.task)
     objective: Objective = build_objective(st.objective, f"stages.{st.name}")
     needs = objective.needs
     tc, rc = st.train, st.rollout
+    if tc.replay_rounds and needs.sampled_actions:
+        raise MmdistillError(
+            f"stages.{st.name}.train.replay_rounds: {st.objective['type']} scores sampled actions against the policy "
+            "that took them, so older rollouts cannot be replayed; set replay_rounds: 0 or use a closed-form objective "
+            "(reverse_kl, forward_kl, hard_ce)"
+        )
     adapter.chunk_size = tc.chunk_size
     torch.manual_seed(step_seed(cfg.seed, st.name, 0, "init"))  # LoRA init etc. independent of earlier stages
 
@@ -202,156 +229,236 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    student, optimizer = acc.prepare(student, optimizer)
+    if world == 1:
+        student, optimizer = acc.prepare(student, optimizer)
+    else:  # no DDP wrapper: adapters call their models' own methods; gradients are summed explicitly
+        student.to(acc.device)
     student.train()
 
     ckpt_root = stage_dir / "checkpoints"
     start = 0
     latest = latest_checkpoint(ckpt_root)
+    replay: list[tuple[str, Rollout]] = []  # DAgger aggregation: (tag, rollout) of earlier steps
+    saved_shards = None
     if latest is not None:
         state = load_training_state(latest, acc.unwrap_model(student), optimizer, scheduler)
         start = int(state["step"])
-        if not ctx.quiet:
+        saved_shards = state.get("rollout_shards")
+        if tc.replay_rounds:
+            replay = load_replay(latest, world, rank)
+        if not quiet:
             print(f"[{st.name}] resumed from {latest} at step {start}")
-    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start if latest is not None else None)
+    broadcast_parameters(params, world)
+    logger = (
+        MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if main else None
+    )
 
     group = rc.group_size
     prompts_per_step = tc.batch_size // group
+    # the sampling shards of a global batch; a resumed run keeps the count it started with
+    shards = tc.rollout_shards or saved_shards or world
+    if shards % world or prompts_per_step % shards:
+        raise ConfigError(
+            f"stages.{st.name}.train: {prompts_per_step} prompts per step (batch_size {tc.batch_size} / group_size "
+            f"{group}) cut into {shards} rollout shards over {world} processes: the shards must divide the prompts and "
+            "the processes must divide the shards; set train.rollout_shards or train.batch_size accordingly"
+        )
+    my_shards = local_shards(shards, world, rank)
+    prompts_per_shard = prompts_per_step // shards
     micro = tc.micro_batch_size or tc.batch_size
+    n_minibatches = tc.batch_size // tc.minibatch_size if tc.minibatch_size else 1
     # policy-gradient objectives score at the sampling temperature (ratios against behaviour log-probs)
     score_temperature = rc.temperature if needs.sampled_actions else objective.temperature
     autocast = torch.autocast(adapter.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     skipped = bad_in_row = 0
+    step = start - 1
     t0 = time.time()
-    bar = tqdm(
-        range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=ctx.quiet, dynamic_ncols=True
-    )
+    bar = tqdm(range(start, tc.steps), desc=st.name, initial=start, total=tc.steps, disable=quiet, dynamic_ncols=True)
     for step in bar:
         rng = random.Random(step_seed(cfg.seed, st.name, step, "data"))
-        gen = torch.Generator(device=adapter.device).manual_seed(step_seed(cfg.seed, st.name, step, "sample"))
         problems = [p for p in sample_train(task, rng, prompts_per_step) for _ in range(group)]
         request = dataclasses.replace(objective.request(step, tc.steps, rng), settings=rc)
         source = request.source
 
-        # 1. rollout
-        with autocast:
-            rollout = adapter.rollout(request, acc.unwrap_model(student), teacher, task, problems, gen)
-        if rollout.group_ids_B is None:  # adapters that append teacher rollouts set the groups themselves
-            rollout.group_ids_B = torch.arange(prompts_per_step, device=adapter.device).repeat_interleave(group)
-        rollout.extras["seed"] = step_seed(cfg.seed, st.name, step, "prepare")
-        rollout = objective.prepare(rollout)
-        normalizer = max(rollout.num_steps(), 1)
+        # 1. rollout: this rank's shards, each from its own generator
+        fresh: list[tuple[str, Rollout]] = []
+        for s in my_shards:
+            tag = "" if shards == 1 else f"/{s}"
+            gen = torch.Generator(device=adapter.device).manual_seed(step_seed(cfg.seed, st.name, step, f"sample{tag}"))
+            rows = slice(s * prompts_per_shard * group, (s + 1) * prompts_per_shard * group)
+            with autocast:
+                r = adapter.rollout(request, acc.unwrap_model(student), teacher, task, problems[rows], gen)
+            if r.group_ids_B is None:  # adapters that append teacher rollouts set the groups themselves
+                r.group_ids_B = torch.arange(
+                    s * prompts_per_shard, (s + 1) * prompts_per_shard, device=adapter.device
+                ).repeat_interleave(group)
+            r.extras["seed"] = step_seed(cfg.seed, st.name, step, f"prepare{tag}")
+            fresh.append((f"{step}{tag}", objective.prepare(r)))
+        chunks = replay + fresh
+        fresh_rows, fresh_steps, total_rows = all_sum(
+            [
+                sum(r.batch_size for _, r in fresh),
+                sum(r.num_steps() for _, r in fresh),
+                sum(r.batch_size for _, r in chunks),
+            ],
+            world,
+            adapter.device,
+        )
 
-        # 2-4. score, objective, backward (micro-batches, normalised by the global step count)
-        sums: dict[str, float] = {}
+        # 2-4. score, objective, backward: minibatches (an optimizer step each) of micro-batches
+        passes: list[dict[str, float]] = []
         loss_total = 0.0
-        teacher_all = None  # the teacher scored once over `teacher_batch_size` rows, sliced per micro-batch
+        grad_norm = None
+        nonfinite = False  # a NaN / inf loss or gradient: the step is skipped, counted; N in a row stop the run
         scores_teacher = teacher is not None and needs.teacher_scores
-        if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= rollout.batch_size > micro:
-            with autocast, torch.no_grad():
-                teacher_all = adapter.step_dist(teacher, rollout.teacher_view(), temperature=score_temperature)
-        # a NaN / inf loss or gradient: the step is skipped, counted, and the run stops after N in a row
-        nonfinite = False
-        for update in range(tc.updates_per_rollout):  # metrics are those of the first, on-policy pass
-            for i in range(0, rollout.batch_size, micro):
-                mb = rollout.select(slice(i, i + micro))
-                with autocast:
-                    student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
-                    teacher_dist = ref_dist = anchor_dist = None
-                    with torch.no_grad():
-                        if teacher_all is not None:
-                            teacher_dist = teacher_all.select(slice(i, i + micro))
-                        elif scores_teacher:
-                            teacher_dist = adapter.step_dist(teacher, mb.teacher_view(), temperature=score_temperature)
-                        elif needs.self_teacher:  # OPSD: the student itself, given privileged context
-                            teacher_dist = adapter.step_dist(
-                                acc.unwrap_model(student), mb.teacher_view(), temperature=score_temperature
+        for update in range(tc.updates_per_rollout):
+            sums: dict[str, float] = {}
+            for parts in minibatches(chunks, n_minibatches, cfg.seed, st.name, step, update, needs.whole_groups):
+                normalizer = max(all_sum([sum(r.num_steps() for r in parts)], world, adapter.device)[0], 1.0)
+                for r in parts:
+                    teacher_all = None  # scored once over `teacher_batch_size` rows, sliced per micro-batch
+                    if scores_teacher and tc.teacher_batch_size and tc.teacher_batch_size >= r.batch_size > micro:
+                        with autocast, torch.no_grad():
+                            teacher_all = adapter.step_dist(teacher, r.teacher_view(), temperature=score_temperature)
+                    for i in range(0, r.batch_size, micro):
+                        mb = r.select(slice(i, i + micro))
+                        with autocast:
+                            student_dist = adapter.step_dist(student, mb, temperature=score_temperature)
+                            teacher_dist = ref_dist = anchor_dist = None
+                            with torch.no_grad():
+                                if teacher_all is not None:
+                                    teacher_dist = teacher_all.select(slice(i, i + micro))
+                                elif scores_teacher:
+                                    teacher_dist = adapter.step_dist(
+                                        teacher, mb.teacher_view(), temperature=score_temperature
+                                    )
+                                elif needs.self_teacher:  # OPSD: the student itself, given privileged context
+                                    teacher_dist = adapter.step_dist(
+                                        acc.unwrap_model(student), mb.teacher_view(), temperature=score_temperature
+                                    )
+                                if reference is not None:
+                                    ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
+                                if anchor is not None:
+                                    anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
+                            loss, metrics = objective(
+                                ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist)
                             )
-                        if reference is not None:
-                            ref_dist = adapter.step_dist(reference, mb, temperature=score_temperature)
-                        if anchor is not None:
-                            anchor_dist = adapter.step_dist(anchor, mb, temperature=score_temperature)
-                    loss, metrics = objective(
-                        ObjectiveBatch(mb, student_dist, teacher_dist, ref_dist, float(normalizer), anchor_dist)
-                    )
-                if not torch.isfinite(loss.detach()):
-                    nonfinite = True
+                        if any_rank(not torch.isfinite(loss.detach()), world, adapter.device):
+                            nonfinite = True
+                            break
+                        acc.backward(loss)
+                        if update == 0:
+                            loss_total += float(loss.detach()) / n_minibatches
+                        w = mb.batch_size / total_rows
+                        metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}  # e.g. the student's entropy
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + w * float(v)
+                    if nonfinite:
+                        break
+                if not nonfinite:
+                    sum_gradients(params, world)
+                    if tc.max_grad_norm:
+                        grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm)
+                        nonfinite = not math.isfinite(float(grad_norm))
+                if nonfinite:
+                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = None
                     break
-                acc.backward(loss)
-                if update == 0:
-                    loss_total += float(loss.detach())
-                    w = mb.batch_size / rollout.batch_size
-                    metrics = {**metrics, **adapter.dist_metrics(student_dist, mb)}  # e.g. the student's entropy
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + w * float(v)
-            grad_norm = None
-            if not nonfinite and tc.max_grad_norm:
-                grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm)
-                nonfinite = not math.isfinite(float(grad_norm))
-            if nonfinite:
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                grad_norm = None
+            passes.append(sum_dicts(sums, world))
+            if nonfinite:
                 break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if tc.replay_rounds:
+            replay = chunks[-tc.replay_rounds * len(fresh) :]
         if nonfinite:
             skipped += 1
             bad_in_row += 1
             if bad_in_row >= tc.max_nonfinite_steps:
                 raise MmdistillError(
                     f"stages.{st.name}: the loss or gradient was NaN or inf on {bad_in_row} optimizer steps in a row "
-                    f"(the last at step {step + 1}; {skipped} skipped in all); lower train.lr (now {tc.lr}) or check the "
-                    "data and the teacher; resume with `mmdistill train --resume` once fixed"
+                    f"(the last at step {step + 1}; {skipped} skipped in all); lower train.lr (now {tc.lr}) or check "
+                    "the data and the teacher; resume with `mmdistill train --resume` once fixed"
                 )
         else:
             bad_in_row = 0
 
         # 5. metrics, eval, checkpoint
-        record: dict[str, Any] = {"step": step + 1, "loss": loss_total, **sums, "lr": scheduler.get_last_lr()[0]}
+        loss_total = all_sum([loss_total], world, adapter.device)[0]
+        record: dict[str, Any] = {"step": step + 1, "loss": loss_total, **passes[0], "lr": scheduler.get_last_lr()[0]}
+        if len(passes) > 1:
+            record.update({f"{k}_last": v for k, v in passes[-1].items()})
+            record["passes"] = passes
         if skipped:
             record["nonfinite_skipped"] = skipped
-        if rollout.rewards_B is not None and source != "dataset":
-            record[f"{source}_reward"] = float(rollout.rewards_B.mean())
-        record["tokens_per_seq"] = normalizer / rollout.batch_size
+        rewards = [r.rewards_B for _, r in fresh if r.rewards_B is not None]
+        if rewards and source != "dataset":
+            if world == 1 and len(rewards) == 1:
+                record[f"{source}_reward"] = float(rewards[0].mean())
+            else:
+                total_reward, n_reward = all_sum(
+                    [float(sum(x.float().sum() for x in rewards)), float(sum(x.numel() for x in rewards))],
+                    world,
+                    adapter.device,
+                )
+                record[f"{source}_reward"] = total_reward / max(n_reward, 1.0)
+        record["tokens_per_seq"] = max(fresh_steps, 1.0) / fresh_rows
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            student.eval()
-            ev = evaluate(
-                adapter,
-                acc.unwrap_model(student),
-                task,
-                st.eval,
-                seed=cfg.seed,
-                show=0,
-                out_dir=stage_dir / "samples",
-                tag=f"step_{step + 1:06d}",
-            )
-            student.train()
+            ev = None
+            if main:
+                student.eval()
+                ev = evaluate(
+                    adapter,
+                    acc.unwrap_model(student),
+                    task,
+                    st.eval,
+                    seed=cfg.seed,
+                    show=0,
+                    out_dir=stage_dir / "samples",
+                    tag=f"step_{step + 1:06d}",
+                )
+                student.train()
+            ev = broadcast(ev, world)
             record.update({f"eval_{k}": v for k, v in headline(ev).items()})
             reached = tc.stop_at and all(headline(ev).get(m, -math.inf) >= target for m, target in tc.stop_at.items())
             if reached:
                 record["stopped_early"] = 1.0
         record["time"] = round(time.time() - t0, 3)
         evaluated = any(k.startswith("eval_") for k in record)
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or evaluated:
+        if main and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps or evaluated):
             logger.log(record)
             if cfg.tracker is not None:  # the same scalars as metrics.jsonl, one tag per stage and key
                 acc.log({f"{st.name}/{k}": v for k, v in record.items() if k != "step" and _scalar(v)}, step=step + 1)
             shown = ("loss", "student_reward") + tuple(k for k in record if k.startswith("eval_"))
             bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
-        if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
-            save_training_state(
-                ckpt_root,
-                step + 1,
-                acc.unwrap_model(student),
-                optimizer,
-                scheduler,
-                {"samples_seen": (step + 1) * tc.batch_size},
+        stopping = any_rank(STOP.requested, world, adapter.device)
+        periodic = tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps
+        if periodic or (stopping and step + 1 < tc.steps):
+            staged = stage_replay(ckpt_root, step + 1, replay, rank) if tc.replay_rounds else []
+            barrier(world)  # every rank's replay file is staged
+            if main:
+                save_training_state(
+                    ckpt_root,
+                    step + 1,
+                    acc.unwrap_model(student),
+                    optimizer,
+                    scheduler,
+                    {"samples_seen": (step + 1) * tc.batch_size, "rollout_shards": shards},
+                    staged=staged_replay_files(ckpt_root, step + 1, world) if tc.replay_rounds else [],
+                )
+            del staged
+            barrier(world)
+        if stopping and step + 1 < tc.steps:
+            raise Interrupted(
+                f"stages.{st.name}: stopped by {STOP.name()} after step {step + 1} of {tc.steps}; the checkpoint "
+                f"is saved, continue with `mmdistill train --resume {ctx.run_dir}`",
+                STOP.signum,
             )
         if "stopped_early" in record:
-            if not ctx.quiet:
+            if not quiet:
                 print(f"[{st.name}] stop_at {tc.stop_at} reached at step {step + 1}")
             break
     bar.close()
@@ -361,30 +468,67 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
     final_model = acc.unwrap_model(student).eval()
     if compute_dtype != torch.float32:
         final_model = final_model.to(compute_dtype)
-    with atomic_dir(stage_dir / "final") as tmp:
-        adapter.save(final_model, tmp)
+    if main:
+        with atomic_dir(stage_dir / "final") as tmp:
+            adapter.save(final_model, tmp)
+    barrier(world)
     return _finish_stage(ctx, st, task, final_model, train_seconds, steps_done)
+
+
+def minibatches(
+    chunks: list[tuple[str, Rollout]],
+    n: int,
+    seed: int,
+    stage: str,
+    step: int,
+    update: int,
+    whole_groups: bool,
+) -> list[list[Rollout]]:
+    """The optimizer steps of one pass: n = 1 is every chunk whole (no shuffle); else each chunk's groups
+    are shuffled (its own seed, so the split does not depend on which rank holds the chunk) and cut into
+    n parts, and minibatch j is the j-th part of every chunk."""
+    if n == 1:
+        return [[r for _, r in chunks]]
+    out: list[list[Rollout]] = [[] for _ in range(n)]
+    for tag, r in chunks:
+        ids_B = r.group_ids_B if whole_groups and r.group_ids_B is not None else torch.arange(r.batch_size)
+        uniq, inverse_B = torch.unique(ids_B.cpu(), return_inverse=True)
+        gen = torch.Generator().manual_seed(step_seed(seed, stage, step, f"shuffle/{update}/{tag}"))
+        order = torch.randperm(len(uniq), generator=gen)
+        for j, part in enumerate(torch.tensor_split(order, n)):
+            rows = torch.nonzero(torch.isin(inverse_B, part)).flatten()
+            if len(rows):
+                out[j].append(r.select(rows.to(r.actions.device)))
+    return [parts for parts in out if parts]
 
 
 def _finish_stage(
     ctx: RunContext, st: StageConfig, task: Any, model: Any, train_seconds: float, steps_done: int | None = None
 ) -> dict[str, Any]:
-    stage_dir = ctx.run_dir / st.name
-    ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
-    try:
-        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})")
-    except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
-        print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
-    steps = st.train.steps if steps_done is None else steps_done
-    return {
-        "kind": "train",
-        "objective": st.objective["type"],
-        "steps": steps,
-        "train_seconds": round(train_seconds, 1),
-        "eval": ev,
-        "eval_setup": _eval_setup(st),
-        "weights_sha256": ctx.adapter.stage_fingerprint(model),
-    }
+    """The stage's final evaluation and result (rank 0 evaluates and writes; every rank gets the result)."""
+    acc = ctx.accelerator
+    world = acc.num_processes if acc is not None else 1
+    result = None
+    if acc is None or acc.is_main_process:
+        stage_dir = ctx.run_dir / st.name
+        ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
+        try:
+            plot_curves(
+                stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})"
+            )
+        except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
+            print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
+        steps = st.train.steps if steps_done is None else steps_done
+        result = {
+            "kind": "train",
+            "objective": st.objective["type"],
+            "steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            "eval": ev,
+            "eval_setup": _eval_setup(st),
+            "weights_sha256": ctx.adapter.stage_fingerprint(model),
+        }
+    return broadcast(result, world)
 
 
 def _reuse_media(ev: dict[str, Any], out_dir: Path, key: str) -> dict[str, Any]:
@@ -407,7 +551,12 @@ def _eval_setup(st: StageConfig) -> dict[str, Any]:
 
 
 def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
-    """Evaluate each model of `evaluate:` on held-out problems (reusing a train stage's identical final evaluation)."""
+    """Evaluate each model of `evaluate:` on held-out problems (reusing a train stage's identical final evaluation);
+    rank 0 evaluates, every rank gets the results."""
+    acc = ctx.accelerator
+    world = acc.num_processes if acc is not None else 1
+    if acc is not None and not acc.is_main_process:
+        return broadcast(None, world)
     task = ctx.build_task(st.task)
     out: dict[str, Any] = {"kind": "eval", "results": {}}
     for key, ref in st.evaluate.items():
@@ -423,8 +572,8 @@ def run_eval_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
         if not ctx.quiet:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in headline(ev).items())
             print(f"[{st.name}] {key} ({ref}): {shown} on {ev['n']} held-out problems")
-    return out
+    return broadcast(out, world)
 
 
-STAGE_KINDS.register("train")(StageKind(run_train_stage, uses="train"))
-STAGE_KINDS.register("eval")(StageKind(run_eval_stage, uses="evaluate"))
+STAGE_KINDS.register("train")(StageKind(run_train_stage, uses="train", every_rank=True))
+STAGE_KINDS.register("eval")(StageKind(run_eval_stage, uses="evaluate", every_rank=True))
