@@ -16,7 +16,7 @@ BENCH_DIR = Path(bench_pkg.__file__).parent
 
 
 def test_benches_and_plots_name_every_benchmark():
-    assert set(BENCHES) == {"flow-sampling", "libero-throughput", "text-step", "text-loss-memory"}
+    assert set(BENCHES) == {"flow-sampling", "libero-throughput", "text-step", "text-loss-memory", "memory"}
     assert set(PLOTS) == {"text-step", "text-loss-memory"}
     for name, fn in BENCHES.items():
         assert fn.__module__ == f"mmdistill.bench.{name.replace('-', '_')}", f"{name} lives in its own file"

@@ -11,7 +11,8 @@ shards.  The ordinary divergence objectives score the `TopKCategorical` it yield
         path: runs/lightning_opd/teacher_logprobs/shards        # the precompute stage's output
         options: {checkpoint: runs/lightning_opd/teacher_sft/final}   # teacher consistency (optional)
 
-Checked when it loads: the manifest is complete, the run's tokenizer is the one the shards were
+Checked when it loads: the manifest is complete (each sample's sha256; damaged samples are kept
+aside and refused by name if a rollout asks for one), the run's tokenizer is the one the shards were
 written with, and (`options.checkpoint`) that checkpoint's sha256 is the teacher that wrote them.
 Checked when it scores: every row is a stored sample (`problem.meta["key"]`) whose completion the
 rollout reproduces token for token, at the shards' `score_temperature`.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from mmdistill.config import ModelConfig, from_dict
-from mmdistill.errors import CompatibilityError, ConfigError
+from mmdistill.errors import CheckpointError, CompatibilityError, ConfigError
 from mmdistill.interfaces import Rollout
 from mmdistill.modalities.text import shards
 from mmdistill.modalities.text.config import StoredLogitsOptions
@@ -46,6 +47,7 @@ class StoredLogitsTeacher(torch.nn.Module):
     ):
         super().__init__()
         self.shards_dir, self.manifest, self.samples, self.name = Path(shards_dir), manifest, samples, name
+        self.damaged: dict[str, shards.Damage] = {}  # samples whose stored bytes fail their check, by key
 
     @classmethod
     def load(cls, cfg: ModelConfig, adapter: Any, name: str = "teacher") -> StoredLogitsTeacher:
@@ -71,8 +73,10 @@ class StoredLogitsTeacher(torch.nn.Module):
                     f"{where}.options.checkpoint: '{opt.checkpoint}' (sha256 {ours[:12]}) is not the teacher that wrote {cfg.path} "
                     f"('{m['teacher']}', sha256 {m['teacher_hash'][:12]}); name that checkpoint or re-run the precompute stage with this one"
                 )
-        samples = {key: arrays for key, _, arrays in shards.read_samples(Path(cfg.path), m)}
-        return cls(Path(cfg.path), m, samples, name)
+        good, bad = shards.read_shards(Path(cfg.path), m)  # the task decides whether damage stops the run
+        teacher = cls(Path(cfg.path), m, {key: arrays for key, _, arrays in good}, name)
+        teacher.damaged = {d.key: d for d in bad}
+        return teacher
 
     def cannot_generate(self) -> CompatibilityError:
         return CompatibilityError(
@@ -108,6 +112,10 @@ class StoredLogitsTeacher(torch.nn.Module):
         rows = []
         for b, (key, n) in enumerate(zip(keys, lens)):
             s = self.samples.get(key)
+            if key in self.damaged:
+                raise CheckpointError(
+                    shards.damage_line(self.shards_dir, self.manifest, [self.damaged[key]], "task.damaged")
+                )
             if s is None:
                 raise CompatibilityError(
                     f"{where}: the rollout's sample {key!r} is not in {self.shards_dir}; point the task's shards and "

@@ -9,12 +9,18 @@ the teacher wrote them); a `kind: stored_logits` teacher over the same shards sc
 shards are read (and checked against the manifest) on first use, so a precompute stage earlier in
 the same run may write them.
 
-    python -m pytest tests/test_lightning.py -q
+Damage (`task.damaged`): with `error` (the default) a damaged sample (truncated or missing shard,
+changed bytes, a manifest that does not match) stops the run with one line naming the shard, the
+sample and the fix (re-run the precompute stage: it rewrites only the damaged shards); with `skip`
+the run trains on every intact sample and prints how many it skipped (`TeacherShardsTask.skipped`).
+
+    python -m pytest tests/test_lightning.py tests/test_corrupt_shards.py -q
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mmdistill.errors import ConfigError
-from mmdistill.modalities.text import shards
+from mmdistill.modalities.text import shards as shards_mod
 from mmdistill.modalities.text.tasks import check_split, draw
 from mmdistill.registry import TASKS
 from mmdistill.train import build_task
@@ -48,12 +54,19 @@ class TeacherShardsTask:
     """Training problems from precomputed teacher shards; evaluation, rewards and vocabulary from
     the underlying `task`."""
 
-    def __init__(self, shards: str, task: dict[str, Any]):
+    def __init__(self, shards: str, task: dict[str, Any], damaged: str = "error"):
         if not isinstance(task, dict) or "type" not in task:
             raise ConfigError("task.task: give the underlying task's spec, e.g. {type: arith, difficulty: 2}")
         if task["type"] == "teacher_shards":
             raise ConfigError("task.task.type: the underlying task of teacher_shards cannot itself be teacher_shards")
+        if damaged not in shards_mod.DAMAGED_POLICIES:
+            raise ConfigError(
+                f"task.damaged: {damaged!r} is not one of {', '.join(shards_mod.DAMAGED_POLICIES)} (error stops at a "
+                "damaged teacher sample, skip trains without it)"
+            )
         self.shards_dir = Path(shards)
+        self.damaged = damaged
+        self.skipped: list[shards_mod.Damage] = []  # the damaged samples left out (damaged: skip)
         self.spec = dict(task)
         self.base = build_task(task)
         self._manifest: dict | None = None
@@ -61,11 +74,19 @@ class TeacherShardsTask:
 
     def manifest(self) -> dict:
         if self._manifest is None:
-            self._manifest = shards.read_manifest(self.shards_dir, "task.shards")
+            self._manifest = shards_mod.read_manifest(self.shards_dir, "task.shards")
         return self._manifest
 
     def _load(self) -> list[ShardProblem]:
         if self._train is None:
+            good, self.skipped = shards_mod.read_samples(self.shards_dir, self.manifest(), self.damaged, "task.damaged")
+            if self.skipped:
+                hit = sorted({d.shard for d in self.skipped})
+                print(
+                    f"warning: task.damaged: skip: left out {len(self.skipped)} damaged teacher samples of "
+                    f"{', '.join(hit)} in {self.shards_dir}; training on the {len(good)} intact ones",
+                    file=sys.stderr,
+                )
             self._train = [
                 ShardProblem(
                     meta["question"],
@@ -74,7 +95,7 @@ class TeacherShardsTask:
                     arrays["completion_ids"],
                     meta={"key": key, "teacher_reward": meta.get("teacher_reward")},
                 )
-                for key, meta, arrays in shards.read_samples(self.shards_dir, self.manifest())
+                for key, meta, arrays in good
             ]
         return self._train
 
@@ -103,4 +124,4 @@ class TeacherShardsTask:
         return f"teacher shards in {self.shards_dir} over {self.base.summary() or repr(self.base)}"
 
     def __repr__(self) -> str:
-        return f"TeacherShardsTask(shards={str(self.shards_dir)!r}, task={self.spec!r})"
+        return f"TeacherShardsTask(shards={str(self.shards_dir)!r}, task={self.spec!r}, damaged={self.damaged!r})"
