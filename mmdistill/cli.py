@@ -310,7 +310,43 @@ def launch(num_processes: int) -> int:
     if not _has_cuda():  # CPU processes share the cores: one thread each unless the user says otherwise
         env.setdefault("OMP_NUM_THREADS", "1")
     print(f"[launch] {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    import signal
+
+    child = subprocess.Popen(cmd, env=env)
+    got: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C reach the workers through the launcher
+        got.append(signum)
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    if got:
+        print(
+            f"stopped: {signal.Signals(got[0]).name} was passed to the {num_processes} processes, which saved a "
+            f"checkpoint (see the line above); continue with `mmdistill train --resume RUN_DIR --num-processes "
+            f"{num_processes}` (any process count that divides the run's rollout shards)",
+            file=sys.stderr,
+        )
+        return 128 + got[0]
+    if code != 0:
+        print(
+            f"error: the {num_processes}-process run failed (exit {code}); the launcher's report above names the "
+            "rank that failed first (Root Cause); fix it, then continue with `mmdistill train --resume RUN_DIR "
+            f"--num-processes {num_processes}`",
+            file=sys.stderr,
+        )
+    return code if code >= 0 else 128 - code
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank_prefix() -> str:
+    """Errors of a multi-process run: rank 0's plain, the others' marked with their rank."""
+    return f"[rank {_rank()}] " if _rank() else ""
 
 
 def _has_cuda() -> bool:
@@ -372,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="speed / memory benchmarks, written as JSON")
-    b.add_argument("name", help="flow-sampling | libero-throughput | text-step | text-loss-memory")
+    b.add_argument("name", help="flow-sampling | libero-throughput | text-step | text-loss-memory | memory")
     b.add_argument("--out", help="output JSON (default bench/NAME.json)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes (CI smoke)")
@@ -423,11 +459,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"stopped: {e}", file=sys.stderr)
         return 128 + (e.signum or 2)
     except MmdistillError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a collective that lost its peers: another process of the run died
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+            m in str(e) for m in ("gloo", "Connection reset", "Connection closed", "NCCL", "ProcessGroup")
+        ):
+            first = str(e).splitlines()[0][:200]
+            print(
+                f"{_rank_prefix() or '[rank 0] '}error: lost contact with another process of the run ({first}); the "
+                "launcher's report names the rank that died and why; continue with `mmdistill train --resume RUN_DIR`",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     except KeyError as e:  # registry lookups
         if str(e).startswith('"unknown') or str(e).startswith("'unknown"):
             print(f"error: {e.args[0]}", file=sys.stderr)

@@ -7,6 +7,7 @@ continues from there.  A second Ctrl-C aborts at once (the last periodic checkpo
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,8 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
         self.signum = signum
+        if os.environ.get("RANK", "0") != "0":  # one line per run, from rank 0
+            return
         print(
             f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again aborts at once)",
             file=sys.stderr,

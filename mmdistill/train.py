@@ -53,6 +53,7 @@ from mmdistill.metrics import MetricsLogger, plot_curves
 from mmdistill.registry import OBJECTIVES, STAGE_KINDS, TASKS
 from mmdistill.report import headline
 from mmdistill.signals import STOP
+from mmdistill.tracking import log_media
 
 
 @dataclass
@@ -416,11 +417,13 @@ def run_train_stage(ctx: RunContext, st: StageConfig) -> dict[str, Any]:
                     task,
                     st.eval,
                     seed=cfg.seed,
-                    show=0,
+                    show=3 if cfg.tracker is not None else 0,  # text samples for the tracker
                     out_dir=stage_dir / "samples",
                     tag=f"step_{step + 1:06d}",
                 )
                 student.train()
+                if cfg.tracker is not None:  # sample grid, robot video, text samples
+                    log_media(acc, ev, st.name, step + 1)
             ev = broadcast(ev, world)
             record.update({f"eval_{k}": v for k, v in headline(ev).items()})
             reached = tc.stop_at and all(headline(ev).get(m, -math.inf) >= target for m, target in tc.stop_at.items())
@@ -512,13 +515,15 @@ def _finish_stage(
     if acc is None or acc.is_main_process:
         stage_dir = ctx.run_dir / st.name
         ev = evaluate(ctx.adapter, model, task, st.eval, seed=ctx.cfg.seed, out_dir=stage_dir / "samples", tag="final")
+        steps = st.train.steps if steps_done is None else steps_done
+        if acc is not None and ctx.cfg.tracker is not None:
+            log_media(acc, ev, st.name, steps)
         try:
             plot_curves(
                 stage_dir / "metrics.jsonl", stage_dir / "curves.png", title=f"{st.name} ({st.objective['type']})"
             )
         except Exception as e:  # noqa: BLE001 - a plot never fails a finished stage
             print(f"[{st.name}] warning: could not plot curves ({type(e).__name__}: {e})")
-        steps = st.train.steps if steps_done is None else steps_done
         result = {
             "kind": "train",
             "objective": st.objective["type"],

@@ -96,9 +96,6 @@ def test_flow_two_processes_equal_one_process(tmp_path):
     from test_flow_adapter import raw_smoke
 
     raw = raw_smoke(tmp_path)
-    for st in raw["stages"]:
-        if st.get("kind") != "eval":
-            st["train"]["eval_every"] = 0
     one, two = two_vs_one(tmp_path, raw)
     stages = [s["name"] for s in raw["stages"] if s.get("kind", "train") == "train"]
     assert_same_run(one, two, stages, atol=1e-4)

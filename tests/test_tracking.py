@@ -41,6 +41,19 @@ def test_tensorboard_events_hold_the_metrics(tiny_raw):
                 assert scalars[f"{stage}/{k}"][row["step"]] == pytest.approx(v, rel=1e-6, abs=1e-6), (stage, k)
                 compared += 1
     assert compared >= 8 * 5  # 4 logged steps x 2 stages, several scalars each
+    # media: each stage's final evaluation sends its text samples (rank 0 only), as the run's samples
+    texts = {}
+    for ev in events:
+        acc = EventAccumulator(str(ev.parent), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            texts[tag] = acc.Tensors(tag)[-1]
+    for stage in ("teacher_sft", "student_opd"):
+        tag = f"{stage}/eval_samples/text_summary"
+        assert tag in texts, sorted(texts)
+        table = texts[tag].tensor_proto.string_val[0].decode()
+        result = json.loads((run / stage / "result.json").read_text())
+        assert texts[tag].step == 4 and result["eval"]["samples"][0]["question"] in table
 
 
 def test_unknown_or_missing_tracker_is_one_line(tmp_path, tiny_raw, capsys):
