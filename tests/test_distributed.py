@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RAW
 from safetensors.torch import load_file
 
 from mmdistill.config import config_from_raw
@@ -79,9 +78,24 @@ def two_vs_one(tmp_path: Path, raw: dict) -> tuple[Path, Path]:
     return tmp_path / "one", tmp_path / "two"
 
 
+def quickstart_raw() -> dict:
+    """configs/text/quickstart.yaml with its models shrunk and 4 steps per stage (CPU-sized)."""
+    raw = yaml.safe_load((REPO / "configs" / "text" / "quickstart.yaml").read_text())
+    raw["device"] = "cpu"
+    raw["models"]["teacher_init"]["tiny"].update(hidden_size=32, num_heads=2, num_kv_heads=1)  # 4 layers: prune [0, 3]
+    raw["eval"] = {"n": 8, "batch_size": 8, "max_new_tokens": 12}
+    raw["rollout"] = {"max_new_tokens": 12, "temperature": 1.0}
+    for st in raw["stages"]:
+        if st.get("kind", "train") == "train":
+            st["train"].update(steps=4, batch_size=8, save_every=2, log_every=1, eval_every=2, warmup_steps=1)
+    return raw
+
+
 def test_text_two_processes_equal_one_process_with_the_same_shards(tmp_path):
-    """SFT on the dataset and on-policy reverse KL (sampled rollouts): weights and losses agree."""
-    raw = copy.deepcopy(TINY_RAW)
+    """The quickstart (SFT on the dataset, then on-policy reverse KL on sampled rollouts, evaluated every 2
+    steps): weights, losses and the report agree."""
+    raw = quickstart_raw()
+    assert [s["name"] for s in raw["stages"]] == ["teacher_sft", "student_opd", "evaluate"]
     one, two = two_vs_one(tmp_path, raw)
     assert_same_run(one, two, ["teacher_sft", "student_opd"])
     assert (
