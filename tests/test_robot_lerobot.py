@@ -279,3 +279,34 @@ def test_recorded_dataset_reads_back(tmp_path):
         record_lerobot_dataset(tmp_path / "ds3", "x/y", fps=10, episodes=[episodes[0], {**episodes[1], "image": None}])
     with pytest.raises(ValueError, match="same non-zero length"):
         record_lerobot_dataset(tmp_path / "ds4", "x/y", fps=10, episodes=[{**episodes[0], "action": torch.zeros(4, A)}])
+
+
+def test_statistics_carried_in_processor_files_are_loaded(act_policy, tmp_path):
+    """LeRobot >= 0.4 checkpoints keep dataset statistics in processor files beside the weights
+    (`FEATURE.STAT` keys), not in the policy's buffers: they are read and the actions un-normalised."""
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from safetensors.torch import save_file
+
+    from mmdistill.modalities.robot.lerobot.common import processor_stats
+
+    out = tmp_path / "new_format"
+    ACTPolicy(act_policy.config).save_pretrained(out)  # buffers at LeRobot's inf placeholders
+    stats = _stats(seed=3)
+    save_file(
+        {f"{STATE}.{k}": v.contiguous() for k, v in stats[STATE].items()},
+        str(out / "policy_preprocessor_step_3_normalizer_processor.safetensors"),
+    )
+    save_file(
+        {f"action.{k}": v.contiguous() for k, v in stats["action"].items()},
+        str(out / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"),
+    )
+    assert set(processor_stats(out)) == {STATE, "action"} and processor_stats(tmp_path) == {}
+    loaded = load_lerobot_policy(out, expect_action_dim=A, expect_chunk=K)
+    buffers = loaded.lerobot.unnormalize_outputs.buffer_action
+    torch.testing.assert_close(buffers["mean"].flatten(), stats["action"]["mean"])
+    torch.testing.assert_close(buffers["std"].flatten(), stats["action"]["std"])
+    state = loaded.lerobot.normalize_inputs.buffer_observation_state
+    torch.testing.assert_close(state["mean"].flatten(), stats[STATE]["mean"])
+    (out / "policy_preprocessor_step_3_normalizer_processor.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"stats\['observation.state'\] needs \('mean', 'std'\)"):
+        load_lerobot_policy(out, expect_action_dim=A, expect_chunk=K)  # half the statistics: refused, not guessed

@@ -96,6 +96,23 @@ def test_state_layouts():
         assert P.get_protocol(name).state_layout == ("eef_pos[3]", "eef_axis_angle[3]", "gripper_qpos[2]")
     assert P.get_protocol("openvla").state_layout == ()  # OpenVLA reads no proprioception
     assert P.get_protocol("openpi").replan_steps == 5
+    assert P.get_protocol("libero").state_layout == ("gripper_qpos[2]", "joint_pos[7]")
+
+
+def test_cameras_map_to_lerobot_keys_and_resize_filters():
+    # huggingface/lerobot src/lerobot/envs/libero.py: agentview -> image, wrist -> image2 (observation.images.*)
+    assert dict(P.LEROBOT_IMAGE_KEYS) == {
+        "agentview": "observation.images.image",
+        "robot0_eye_in_hand": "observation.images.image2",
+    }
+    assert all(c in P.LEROBOT_IMAGE_KEYS for p in P.PROTOCOLS.values() for c in p.cameras)
+    assert {n: p.resize_filter for n, p in P.PROTOCOLS.items()} == {
+        "openvla": "lanczos",
+        "openpi": "bilinear",
+        "lerobot": "bilinear",
+        "rlinf": "bilinear",
+        "libero": "bilinear",
+    }
 
 
 def test_unknown_protocol_teaches():
@@ -196,6 +213,7 @@ def test_success_report_per_task_and_suite(libero_task):
     ok = [1.0 if task == 0 else float(s < 5) for task, s in problems]  # task 0: 10/10, task 3: 5/10
     r = t.success_report(problems, ok, split="test")
     assert r["split"] == "official" and r["protocol"] == "openvla" and r["max_steps"] == 280
+    assert (r["observation"], r["postprocess"]) == ("native", "clip")
     by_task = r["success_by_task_ci"]
     assert by_task["libero_object/0"]["success"] == 1.0 and by_task["libero_object/0"]["n"] == 10
     assert by_task["libero_object/3"]["k"] == 5

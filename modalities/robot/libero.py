@@ -21,7 +21,13 @@ seeds and never used for training.
 Observations use LeRobot's key names: `observation.state` (8-D: end-effector position, axis-angle,
 gripper joint positions), `observation.images.image` (the agentview camera, upright, uint8
 `[3, H, W]`, rendered only at the end of each action chunk) and `observation.environment_state`
-(privileged: see `PRIVILEGED`), read only by scripted experts.
+(privileged: see `PRIVILEGED`), read only by scripted experts.  That is the `native` observation
+(one camera rendered at `image_size`).  `observation: protocol` serves what the protocol's published
+checkpoints saw (`observation_spec`): its cameras (agentview -> `observation.images.image`, wrist ->
+`observation.images.image2`, LeRobot's LIBERO keys) rendered at its resolution, flipped as it says,
+resized to the policy's input size, and its state layout.  The instruction (`task`) is added by the
+adapter from `LiberoTask.language`.  Actions are clipped to [-1, 1]; with `postprocess` set, the
+protocol's post-processing (`protocols.postprocess_action`) is applied in `step` instead.
 
     python -m mmdistill.modalities.robot.libero libero_object 0     # one scripted episode
 """
@@ -43,7 +49,17 @@ import yaml
 
 from mmdistill.errors import ConfigError
 from mmdistill.modalities.robot.policies import ScriptedPickPlaceExpert
-from mmdistill.modalities.robot.protocols import DEFAULT_PROTOCOL, NOOP_OPEN, SUITES, get_protocol
+from mmdistill.modalities.robot.protocols import (
+    DEFAULT_PROTOCOL,
+    LEROBOT_IMAGE_KEYS,
+    NOOP_OPEN,
+    RESIZE_FILTERS,
+    STATE_8D,
+    SUITES,
+    EvalProtocol,
+    get_protocol,
+    postprocess_action,
+)
 
 # libero, robosuite, mujoco and triton are imported lazily, inside the functions that need them:
 # optional heavy dependencies (`pip install -e '.[robot]'`) that the modality must import without.
@@ -132,6 +148,105 @@ def quat_to_axis_angle(q_xyzw: np.ndarray) -> np.ndarray:
     return q[:3] / s * 2.0 * math.acos(w)
 
 
+# ---------------------------------------------------------------------------- observations (pure)
+
+# robosuite observation key of each state-layout entry (protocols.py writes layouts as name[size])
+STATE_SOURCES = {
+    "eef_pos[3]": "robot0_eef_pos",
+    "eef_axis_angle[3]": "robot0_eef_quat",  # converted by quat_to_axis_angle
+    "gripper_qpos[2]": "robot0_gripper_qpos",
+    "joint_pos[7]": "robot0_joint_pos",
+}
+OBSERVATION_MODES = ("native", "protocol")
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """What the environment serves a policy at each decision.
+
+    cameras:      robosuite camera names, rendered in this order
+    keys:         the observation key of each camera
+    render_size:  square render resolution (px)
+    image_size:   the policy's input size (a resize with `resize_filter` when it differs from render_size)
+    flip_180:     `img[::-1, ::-1]` of MuJoCo's render, as the published scripts rotate LIBERO's images
+    state_layout: the entries of `observation.state` (protocols.STATE_8D: eef pos, axis-angle, gripper qpos)
+    """
+
+    cameras: tuple[str, ...] = ("agentview",)
+    keys: tuple[str, ...] = ("observation.images.image",)
+    render_size: int = 64
+    image_size: int = 64
+    flip_180: bool = True
+    state_layout: tuple[str, ...] = STATE_8D
+    resize_filter: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if len(self.cameras) != len(self.keys) or len(set(self.keys)) != len(self.keys):
+            raise ConfigError(f"task: cameras {self.cameras} need one distinct observation key each; got {self.keys}")
+        bad = [e for e in self.state_layout if e not in STATE_SOURCES]
+        if bad:
+            raise ConfigError(f"task: state layout entries {bad} are unknown; known: {sorted(STATE_SOURCES)}")
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ConfigError(f"task: resize filter {self.resize_filter!r}; choose one of {RESIZE_FILTERS}")
+        if self.render_size < 1 or self.image_size < 1:
+            raise ConfigError(f"task.image_size: must be >= 1 px; got {self.image_size} (render {self.render_size})")
+
+
+def observation_spec(
+    protocol: EvalProtocol | None,
+    image_size: int | None = None,
+    camera_keys: dict[str, str] | None = None,
+    camera: str = "agentview",
+) -> ObservationSpec:
+    """The observation a policy gets.  `protocol` None: the native one (one `camera` rendered at
+    `image_size`, default 64, flipped upright, 8-D state).  A protocol: its cameras at its render size,
+    its flip, resized to `image_size` (default: the protocol's policy size, else as rendered), its state
+    layout (the 8-D state when it reads none), keys from LeRobot's LIBERO convention unless `camera_keys`
+    renames a camera (e.g. `{robot0_eye_in_hand: observation.images.wrist_image}`)."""
+    if protocol is None:
+        size = 64 if image_size is None else int(image_size)
+        key = (camera_keys or {}).get(camera, "observation.images.image")
+        return ObservationSpec((camera,), (key,), size, size)
+    names = {**LEROBOT_IMAGE_KEYS, **(camera_keys or {})}
+    unknown = sorted(set(camera_keys or {}) - set(protocol.cameras))
+    if unknown:
+        raise ConfigError(
+            f"task.camera_keys: {unknown} are not cameras of protocol {protocol.name} ({list(protocol.cameras)})"
+        )
+    size = image_size or protocol.policy_image_size or protocol.render_size
+    return ObservationSpec(
+        cameras=tuple(protocol.cameras),
+        keys=tuple(names[c] for c in protocol.cameras),
+        render_size=protocol.render_size,
+        image_size=int(size),
+        flip_180=protocol.flip_180,
+        state_layout=tuple(protocol.state_layout) or STATE_8D,
+        resize_filter=protocol.resize_filter,
+    )
+
+
+def camera_image(render_H_W_3: np.ndarray, spec: ObservationSpec) -> np.ndarray:
+    """A rendered frame (MuJoCo's bottom-up `[H, W, 3]` uint8) as the policy sees it: flipped 180
+    degrees when `spec.flip_180`, resized to `spec.image_size`, channels first `[3, S, S]` uint8."""
+    img = render_H_W_3[::-1, ::-1] if spec.flip_180 else render_H_W_3
+    if img.shape[0] != spec.image_size or img.shape[1] != spec.image_size:
+        from PIL import Image
+
+        pil_filter = Image.LANCZOS if spec.resize_filter == "lanczos" else Image.BILINEAR
+        img = np.asarray(
+            Image.fromarray(np.ascontiguousarray(img)).resize((spec.image_size, spec.image_size), pil_filter)
+        )
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def state_vector(raw: dict[str, np.ndarray], layout: tuple[str, ...] = STATE_8D) -> np.ndarray:
+    """`observation.state` (float32) from robosuite's raw observation, entry by entry of `layout`."""
+    parts = [
+        quat_to_axis_angle(raw[STATE_SOURCES[e]]) if e == "eef_axis_angle[3]" else raw[STATE_SOURCES[e]] for e in layout
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
 class LiberoEnv:
     """One LIBERO task (or several, built lazily) behind the robot `Env` protocol.
 
@@ -140,6 +255,9 @@ class LiberoEnv:
     those the held-out layouts (`init_states[task] = (eval, train[, heldout])`).  `step(chunk)` executes a
     flattened action chunk `[K * 7]` and renders once at its end (`render: decision`), after
     every environment step (`render: step`, for benchmarks), or never (`render: none`).
+    `observation` (an `ObservationSpec`; default: one `camera` at `image_size`) fixes the cameras,
+    sizes and state layout; `postprocess` (a protocol) post-processes actions (`action_stats`:
+    the checkpoint's action statistics for un-normalisation) instead of only clipping them.
     """
 
     action_dim = ACTION_DIM
@@ -155,6 +273,9 @@ class LiberoEnv:
         camera: str = "agentview",
         settle_action: tuple[float, ...] = NOOP_OPEN,
         env_seed: int = 0,
+        observation: ObservationSpec | None = None,
+        postprocess: EvalProtocol | None = None,
+        action_stats: dict[str, Any] | None = None,
     ):
         if render not in ("decision", "step", "none"):
             raise ConfigError(
@@ -166,6 +287,8 @@ class LiberoEnv:
         self.settle_steps = default.settle_steps if settle_steps is None else int(settle_steps)
         self.settle_action = np.asarray(settle_action, dtype=np.float64)
         self.camera, self.env_seed = camera, int(env_seed)
+        self.spec = observation if observation is not None else observation_spec(None, image_size, camera=camera)
+        self.postprocess, self.action_stats = postprocess, action_stats
         self._envs: dict[int, Any] = {}
         self._objects: dict[int, tuple[str, str]] = {}
         self.env: Any = None
@@ -199,16 +322,14 @@ class LiberoEnv:
 
     # -------------------------------------------------------------- observations
 
-    def _image(self) -> np.ndarray:
+    def _image(self, camera: str) -> np.ndarray:
         self.renders += 1
-        img = self.env.sim.render(width=self.image_size, height=self.image_size, camera_name=self.camera)
-        return np.ascontiguousarray(img[::-1, ::-1].transpose(2, 0, 1))  # upright, [3, H, W]
+        size = self.spec.render_size
+        return camera_image(self.env.sim.render(width=size, height=size, camera_name=camera), self.spec)
 
     def _obs(self, raw: dict[str, np.ndarray], render: bool) -> dict[str, np.ndarray]:
         obj, tgt = self._objects[self.task_id]
-        state = np.concatenate(
-            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
-        )
+        state = state_vector(raw, self.spec.state_layout)
         priv = np.concatenate(
             [
                 raw["robot0_eef_pos"],
@@ -218,11 +339,11 @@ class LiberoEnv:
                 raw[f"{tgt}_pos"],
             ]
         )
-        out = {"observation.state": state.astype(np.float32), "observation.environment_state": priv.astype(np.float32)}
+        out = {"observation.state": state, "observation.environment_state": priv.astype(np.float32)}
         if self.render_mode != "none":
-            out["observation.images.image"] = (
-                self._image() if render else np.zeros((3, self.image_size, self.image_size), np.uint8)
-            )
+            size = self.spec.image_size
+            for camera, key in zip(self.spec.cameras, self.spec.keys):
+                out[key] = self._image(camera) if render else np.zeros((3, size, size), np.uint8)
         return out
 
     # -------------------------------------------------------------- protocol
@@ -264,7 +385,11 @@ class LiberoEnv:
         return self._obs(raw, render=True)
 
     def step(self, chunk: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
-        actions_K_A = np.asarray(chunk, dtype=np.float64).reshape(-1, ACTION_DIM).clip(-1, 1)
+        actions_K_A = np.asarray(chunk, dtype=np.float64).reshape(-1, ACTION_DIM)
+        if self.postprocess is None:
+            actions_K_A = actions_K_A.clip(-1, 1)
+        else:  # the protocol's un-normalisation, gripper binarise / invert and clipping, in one place
+            actions_K_A = postprocess_action(self.postprocess, actions_K_A, self.action_stats)
         success = False
         raw = self._raw
         for k, a in enumerate(actions_K_A):
@@ -274,7 +399,8 @@ class LiberoEnv:
             if success or self.t >= self.max_steps:
                 break
             if self.render_mode == "step" and k < len(actions_K_A) - 1:
-                self._image()
+                for camera in self.spec.cameras:
+                    self._image(camera)
         self._raw = raw
         done = success or self.t >= self.max_steps
         return self._obs(raw, render=not done), float(success), done, {"success": success, "env_steps": self.t}

@@ -9,7 +9,11 @@ record's `unverified` tuple could not be confirmed from source and is our best r
 
     protocol:  openvla | openpi | lerobot | rlinf | libero     (task: {type: libero, protocol: openvla})
 
-`wilson_interval(k, n)` is the binomial 95% interval reported with every success rate.
+`postprocess_action(protocol, action, stats)` is the protocol's action post-processing, in one place
+(un-normalisation from a checkpoint's dataset statistics when given, gripper binarise / invert,
+clipping); `LEROBOT_IMAGE_KEYS` names each camera's observation key (LeRobot's LIBERO convention,
+whatever the original script called it); `wilson_interval(k, n)` is the binomial 95% interval
+reported with every success rate.
 
     python -m mmdistill.modalities.robot.protocols            # prints every protocol's record
 """
@@ -30,6 +34,13 @@ NUM_INIT_STATES = 50  # LIBERO's `.pruned_init` files hold 50 initial states per
 NOOP_OPEN = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # no motion, gripper commanded open
 NOOP_ZERO = (0.0,) * 7  # no motion, gripper command 0
 STATE_8D = ("eef_pos[3]", "eef_axis_angle[3]", "gripper_qpos[2]")
+# LeRobot's LIBERO environment (huggingface/lerobot src/lerobot/envs/libero.py, camera_name_mapping
+# agentview_image -> image, robot0_eye_in_hand_image -> image2, prefixed `observation.images.`):
+# the keys our environment serves whatever the protocol's own script called them (`image_keys`)
+LEROBOT_IMAGE_KEYS: Mapping[str, str] = MappingProxyType(
+    {"agentview": "observation.images.image", "robot0_eye_in_hand": "observation.images.image2"}
+)
+RESIZE_FILTERS = ("bilinear", "lanczos")
 
 
 class FrozenSteps(dict):
@@ -63,10 +74,12 @@ class EvalProtocol:
     init_states:        "official": LIBERO's `.pruned_init` states, episode i uses state i
     episodes_per_task:  the script's default (50: every official state once)
     cameras:            robosuite camera names, in the order the policy's image keys use
-    image_keys:         the observation key of each camera
+    image_keys:         the observation key of each camera in the protocol's own script (our environment
+                        serves LeRobot's keys instead: `LEROBOT_IMAGE_KEYS`)
     render_size:        square render resolution (px)
     flip_180:           images rotated 180 degrees (`img[::-1, ::-1]`) before the policy
     policy_image_size:  resize for the policy (None: as rendered)
+    resize_filter:      the resampling filter of that resize (bilinear or lanczos)
     image_preprocessing: what happens to the image between render and policy, in words
     state_layout:       the proprioceptive vector the policy reads (empty: none)
     action_unnormalize: how the policy's output becomes an environment action
@@ -96,6 +109,7 @@ class EvalProtocol:
     gripper_binarize: bool
     gripper_invert: bool
     replan_steps: int | None = None
+    resize_filter: str = "bilinear"
     success: str = "env.check_success() after every environment step; the episode stops at the first success"
     unverified: tuple[str, ...] = field(default=())
 
@@ -144,7 +158,11 @@ OPENVLA = EvalProtocol(
     action_unnormalize="bounds_q99: the checkpoint's norm_stats[unnorm_key] (q01/q99 per dimension)",
     gripper_binarize=True,
     gripper_invert=True,
-    unverified=("image_preprocessing (JPEG round-trip, lanczos3)", "action_unnormalize (q01/q99 bounds)"),
+    resize_filter="lanczos",
+    unverified=(
+        "image_preprocessing (JPEG round-trip, lanczos3; our environment resizes with PIL's lanczos, no JPEG)",
+        "action_unnormalize (q01/q99 bounds)",
+    ),
 )
 
 # openpi: Physical-Intelligence/openpi examples/libero/main.py (the same max_steps table;
@@ -180,7 +198,8 @@ OPENPI = EvalProtocol(
 # object 280, goal 300, 10 520, 90 400; num_steps_wait 10; get_libero_dummy_action [0]*6 + [-1];
 # cameras agentview_image -> image, robot0_eye_in_hand_image -> image2 at 256; env.seed(seed)
 # from reset(seed=...); init state `init_state_id % len(states)`, i.e. it wraps) and
-# src/lerobot/processor/env_processor.py (LiberoProcessorStep: flip 180, 8-D state).
+# src/lerobot/processor/env_processor.py (LiberoProcessorStep: every `observation.images.*` key,
+# the wrist camera too, flipped in H and W; 8-D state eef pos + axis-angle + gripper qpos).
 LEROBOT = EvalProtocol(
     name="lerobot",
     source=(
@@ -207,7 +226,6 @@ LEROBOT = EvalProtocol(
     gripper_invert=False,
     unverified=(
         "env_seed/global_seed 1000 (lerobot-eval's default seed)",
-        "flip of the wrist camera (some versions flip only observation.images.image)",
         "image_preprocessing (SmolVLA resize 512)",
         "action_unnormalize (mean/std)",
     ),
@@ -295,11 +313,43 @@ def get_protocol(name: str) -> EvalProtocol:
     return PROTOCOLS[name]
 
 
-def postprocess_action(protocol: EvalProtocol, action_A: np.ndarray) -> np.ndarray:
-    """The protocol's gripper post-processing of (already un-normalised) actions `[..., 7]`, then
-    clipping to the environment's [-1, 1]: binarise maps the gripper from [0, 1] to [-1, 1] and
-    takes its sign (OpenVLA's normalize_gripper_action(binarize=True)); invert flips the sign."""
+def state_dim(layout: tuple[str, ...]) -> int:
+    """The size of a state layout: the sum of its `name[n]` entries (`STATE_8D` -> 8)."""
+    try:
+        return sum(int(part.rsplit("[", 1)[1].rstrip("]")) for part in layout)
+    except (IndexError, ValueError):
+        raise ValueError(f"state layout entries must read name[size]; got {layout}") from None
+
+
+def unnormalize_action(action_A: np.ndarray, stats: Mapping[str, object]) -> np.ndarray:
+    """A normalised action `[..., A]` in environment units, from one checkpoint's action statistics:
+    `q01`/`q99` (OpenVLA's bounds_q99: `0.5 * (a + 1) * (q99 - q01) + q01`, only where `mask` is true:
+    LIBERO's gripper is not normalised), `min`/`max` (the same with min/max) or `mean`/`std`
+    (`a * std + mean`)."""
+    a = np.asarray(action_A, dtype=np.float64)
+    for low_key, high_key in (("q01", "q99"), ("min", "max")):
+        if low_key in stats and high_key in stats:
+            low, high = (np.asarray(stats[k], dtype=np.float64) for k in (low_key, high_key))
+            mask = np.asarray(stats.get("mask", np.ones_like(low)), dtype=bool)
+            return np.where(mask, 0.5 * (a + 1.0) * (high - low) + low, a)
+    if "mean" in stats and "std" in stats:
+        return a * np.asarray(stats["std"], dtype=np.float64) + np.asarray(stats["mean"], dtype=np.float64)
+    raise ConfigError(
+        f"task.action_stats: needs q01/q99 (OpenVLA), min/max or mean/std per action dimension; got {sorted(stats)}"
+    )
+
+
+def postprocess_action(
+    protocol: EvalProtocol, action_A: np.ndarray, stats: Mapping[str, object] | None = None
+) -> np.ndarray:
+    """The protocol's post-processing of a policy's actions `[..., 7]`, in the order the published
+    scripts apply it: un-normalisation with the checkpoint's action `stats` (only when given: LeRobot
+    policies un-normalise themselves), the gripper binarised (maps [0, 1] to [-1, 1], then takes its
+    sign: OpenVLA's normalize_gripper_action(binarize=True)) and inverted (flips the sign: dataset
+    1 = open, environment -1 = open), then clipped to the environment's [-1, 1]."""
     a = np.array(action_A, dtype=np.float64, copy=True)
+    if stats is not None:
+        a = unnormalize_action(a, stats)
     if protocol.gripper_binarize:
         a[..., -1] = np.sign(2.0 * a[..., -1] - 1.0)
     if protocol.gripper_invert:

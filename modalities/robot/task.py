@@ -6,6 +6,7 @@ training and evaluation sets (a "problem" is an initial-state index).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -17,14 +18,52 @@ from PIL import Image
 from mmdistill.errors import ConfigError
 from mmdistill.modalities.robot.envs import PointMassEnv, point_mass_initial_states
 from mmdistill.modalities.robot.libero import (
+    OBSERVATION_MODES,
     LiberoEnv,
     check_disjoint,
+    observation_spec,
     official_init_states,
     sample_train_states,
     suite_tasks,
 )
-from mmdistill.modalities.robot.protocols import DEFAULT_PROTOCOL, NUM_INIT_STATES, get_protocol, success_summary
+from mmdistill.modalities.robot.protocols import (
+    DEFAULT_PROTOCOL,
+    NUM_INIT_STATES,
+    get_protocol,
+    state_dim,
+    success_summary,
+    unnormalize_action,
+)
 from mmdistill.registry import TASKS
+
+
+def load_action_stats(stats: dict[str, Any] | str | None, suite: str) -> dict[str, Any] | None:
+    """Action statistics for un-normalisation: a mapping as given, or a JSON file read here (OpenVLA's
+    dataset_statistics.json `{suite: {action: {...}}}`, or `{action: {...}}`, or the mapping itself)."""
+    if stats is None:
+        return None
+    if isinstance(stats, dict):
+        data = stats
+    else:
+        path = Path(stats)
+        if not path.is_file():
+            raise ConfigError(f"task.action_stats: {path} is not a file; give a JSON of q01/q99, min/max or mean/std")
+        data = json.loads(path.read_text())
+        for key in (suite, f"{suite}_no_noops"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+        data = data.get("action", data)
+    try:  # checked now, not at the first step of the first episode
+        shape = unnormalize_action(np.zeros(LiberoTask.action_dim), data).shape
+    except ValueError:
+        shape = None
+    if shape != (LiberoTask.action_dim,):
+        raise ConfigError(
+            f"task.action_stats: statistics of {LiberoTask.action_dim} action dimensions needed (q01/q99, min/max "
+            f"or mean/std); got { ({k: np.shape(v) for k, v in data.items()}) }"
+        )
+    return data
 
 
 @TASKS.register("reach")
@@ -103,9 +142,16 @@ class ReachTask:
             tmp.replace(path)
 
     def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[int]:
+        """The initial states of one split (`test`: the evaluation states, else the training ones): all
+        of them, or the first `n`.  More than the split holds is a ConfigError, never a wrap-around."""
         pool = self.initial_states.eval_ids if split == "test" else self.initial_states.train_ids
-        n = len(pool) if n is None else n
-        return [pool[i % len(pool)] for i in range(n)]
+        if n is not None and n > len(pool):
+            fix = "task.num_eval" if split == "test" else "task.num_states"
+            raise ConfigError(
+                f"eval.n: {n} episodes asked of split {split!r}, which has {len(pool)} initial states; "
+                f"set eval.n <= {len(pool)} or raise {fix}"
+            )
+        return pool if n is None else pool[:n]
 
 
 @TASKS.register("libero")
@@ -121,10 +167,21 @@ class LiberoTask:
     `protocol` (modalities/robot/protocols.py) sets the step limit, the settle steps and action
     and the environment seed; `max_steps` / `settle_steps` override it.
 
+    Observation (`observation`): `native` (default) is one agentview camera rendered at `image_size`
+    (default 64) and the 8-D state; `protocol` is what the protocol's published checkpoints saw
+    (libero.py `observation_spec`: its cameras at its resolution, its flip, resized to `image_size`,
+    default the protocol's policy size, its state layout), with LeRobot's keys
+    (`observation.images.image`, `observation.images.image2`; `camera_keys` renames one, e.g.
+    `{robot0_eye_in_hand: observation.images.wrist_image}`).  Actions (`postprocess`): `clip` (default)
+    clips to [-1, 1]; `protocol` applies the protocol's post-processing (gripper binarise / invert,
+    un-normalisation with `action_stats` when given: `{q01, q99[, mask]}`, `{min, max}` or
+    `{mean, std}`, or the path of a JSON file holding them, e.g. OpenVLA's dataset_statistics.json).
+
         task: {type: libero, suite: libero_object, tasks: [0], protocol: openvla, num_train: 100, num_workers: 2}
+        task: {type: libero, suite: libero_object, protocol: lerobot, observation: protocol, image_size: 256}
     """
 
-    obs_dim = 8  # observation.state
+    obs_dim = 8  # observation.state (native; an instance's own under `observation: protocol`)
     action_dim = 7
     always_group = True
     control_freq = 20  # Hz, robosuite's default in LIBERO
@@ -138,7 +195,7 @@ class LiberoTask:
         num_eval: int = NUM_INIT_STATES,
         num_train: int = 100,
         train_seed: int = 10_000,
-        image_size: int = 64,
+        image_size: int | None = None,
         render: str = "decision",
         max_steps: int | None = None,
         settle_steps: int | None = None,
@@ -146,8 +203,28 @@ class LiberoTask:
         protocol: str = DEFAULT_PROTOCOL,
         num_heldout: int = 0,
         heldout_seed: int = 900_000,
+        observation: str = "native",
+        postprocess: str = "clip",
+        action_stats: dict[str, Any] | str | None = None,
+        camera_keys: dict[str, str] | None = None,
     ):
         self.protocol = get_protocol(protocol)
+        if observation not in OBSERVATION_MODES:
+            raise ConfigError(
+                f"task.observation: {observation!r}; choose native (one 64 px agentview camera, 8-D state) or "
+                f"protocol (the cameras, sizes and state of protocol {self.protocol.name}'s checkpoints)"
+            )
+        if postprocess not in ("clip", "protocol"):
+            raise ConfigError(
+                f"task.postprocess: {postprocess!r}; choose clip (actions clipped to [-1, 1]) or protocol "
+                f"(protocol {self.protocol.name}'s un-normalisation and gripper binarise / invert)"
+            )
+        if action_stats is not None and postprocess != "protocol":
+            raise ConfigError("task.action_stats: un-normalises actions only with task.postprocess=protocol; set both")
+        self.observation, self.postprocess = observation, postprocess
+        self.spec = observation_spec(self.protocol if observation == "protocol" else None, image_size, camera_keys)
+        self.obs_dim = state_dim(self.spec.state_layout)
+        self.action_stats = load_action_stats(action_stats, suite)
         all_tasks = suite_tasks(suite)
         ids = list(range(len(all_tasks))) if tasks == "all" else [int(t) for t in tasks]
         bad = [t for t in ids if not 0 <= t < len(all_tasks)]
@@ -163,7 +240,7 @@ class LiberoTask:
                 f"task.num_workers must be >= 0 (0: environments in the training process); got {num_workers}"
             )
         self.suite, self.task_ids, self.num_workers = suite, ids, num_workers
-        self.image_size, self.render = image_size, render
+        self.image_size, self.render = self.spec.image_size, render
         self.max_steps = int(max_steps or self.protocol.steps_for(suite))
         self.settle_steps = self.protocol.settle_steps if settle_steps is None else int(settle_steps)
         self.languages = {t: all_tasks[t].language for t in ids}
@@ -197,6 +274,9 @@ class LiberoTask:
             self.settle_steps,
             settle_action=self.protocol.settle_action,
             env_seed=self.protocol.env_seed,
+            observation=self.spec,
+            postprocess=self.protocol if self.postprocess == "protocol" else None,
+            action_stats=self.action_stats,
         )
 
     def summary(self) -> str:
@@ -204,8 +284,20 @@ class LiberoTask:
         return (
             f"libero: {self.suite} tasks {self.task_ids}, protocol {self.protocol.name}, {self.num_train} training / "
             f"{self.num_eval} official{held} initial states per task, {self.max_steps} steps, "
-            f"render={self.render} at {self.image_size}px"
+            f"render={self.render} at {self.image_size}px" + self._io_summary()
         )
+
+    def _io_summary(self) -> str:
+        """The non-default observation and action post-processing, for the summary line."""
+        out = ""
+        if self.observation == "protocol":
+            s = self.spec
+            out += f", observation {s.keys} rendered at {s.render_size}px, state {self.obs_dim}-D"
+        if self.postprocess == "protocol":
+            p = self.protocol
+            unnorm = "un-normalised, " if self.action_stats is not None else ""
+            out += f", actions {unnorm}gripper binarise={p.gripper_binarize} invert={p.gripper_invert}"
+        return out
 
     def language(self, problem: Any) -> str:
         return self.languages[int(problem[0])]
@@ -250,6 +342,8 @@ class LiberoTask:
         return {
             "split": "official" if split == "test" else split,
             "protocol": self.protocol.name,
+            "observation": self.observation,  # native: one 64 px camera; protocol: the checkpoints' cameras and state
+            "postprocess": self.postprocess,
             "max_steps": self.max_steps,
             "success_by_task_ci": {g: success_summary(v) for g, v in sorted(by_task.items())},
             "success_by_suite_ci": {self.suite: success_summary([float(x) for x in successes])},

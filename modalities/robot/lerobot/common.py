@@ -128,6 +128,27 @@ def set_normalization_stats(policy: nn.Module, stats: Stats) -> None:
                 buffer[n].data = value.reshape(buffer[n].shape).to(buffer[n].device).clone()
 
 
+PROCESSOR_STATS = (
+    "policy_preprocessor_step_*_normalizer_processor.safetensors",
+    "policy_postprocessor_step_*_unnormalizer_processor.safetensors",
+)
+
+
+def processor_stats(path: str | Path) -> dict[str, dict[str, Tensor]]:
+    """The dataset statistics a LeRobot checkpoint saved by its processor pipeline (LeRobot >= 0.4
+    writes them beside model.safetensors, keyed `FEATURE.STAT`, e.g. `action.mean`), as
+    `{feature: {stat: tensor}}`; empty when the checkpoint has no such file (0.3 keeps them in the
+    policy's own buffers)."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for pattern in PROCESSOR_STATS:
+        for file in sorted(Path(path).glob(pattern)):
+            for flat, tensor in load_file(str(file)).items():
+                feature, _, stat = flat.rpartition(".")
+                if feature:
+                    out.setdefault(feature, {})[stat] = tensor
+    return out
+
+
 def check_normalization_stats(policy: nn.Module, where: str = "policy") -> None:
     """Refuse a LeRobot policy whose normalisation statistics are missing (LeRobot's inf default) or not finite."""
     for name, tensor in policy.state_dict().items():
@@ -269,6 +290,7 @@ def load_lerobot_policy(
     action size, a chunk longer than the policy predicts; after: missing or non-finite normalisation
     statistics, wrapper parameters of another shape.  SmolVLA's VLM config and tokenizer are taken
     from `path/vlm` when present (written by `save_lerobot_policy`), so the directory can move.
+    Statistics a checkpoint carries in processor files (`processor_stats`) replace the buffers'.
     """
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
@@ -287,6 +309,9 @@ def load_lerobot_policy(
     cls = WRAPPERS[config.type]
     cls.prepare_load(config, path)
     policy = get_policy_class(config.type).from_pretrained(path, config=config)
+    carried = processor_stats(path)
+    if carried:  # newer LeRobot checkpoints keep their dataset statistics beside the weights
+        set_normalization_stats(policy, carried)
     check_normalization_stats(policy, where=str(path))
     wrapper = cls.wrap(policy, int(expect_chunk), init_log_std)
     extra = path / WRAPPER_WEIGHTS
@@ -330,14 +355,20 @@ def save_lerobot_policy(policy: nn.Module, out_dir: str | Path) -> Path:
 
 
 def policy_features(
-    state_dim: int, action_dim: int, image_shape: tuple[int, int, int] | None, env_state_dim: int | None
+    state_dim: int,
+    action_dim: int,
+    image_shape: tuple[int, int, int] | None,
+    env_state_dim: int | None,
+    image_keys: tuple[str, ...] = (IMAGE_KEY,),
 ) -> tuple[dict, dict]:
-    """LeRobot input and output features of a robot with a state, optionally a camera and a privileged state."""
+    """LeRobot input and output features of a robot with a state, optionally cameras (one feature of
+    `image_shape` per key of `image_keys`) and a privileged state."""
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     inputs = {STATE_KEY: PolicyFeature(FeatureType.STATE, (int(state_dim),))}
     if image_shape is not None:
-        inputs[IMAGE_KEY] = PolicyFeature(FeatureType.VISUAL, tuple(int(s) for s in image_shape))
+        for key in image_keys:
+            inputs[key] = PolicyFeature(FeatureType.VISUAL, tuple(int(s) for s in image_shape))
     if env_state_dim is not None:
         inputs[ENV_STATE_KEY] = PolicyFeature(FeatureType.ENV, (int(env_state_dim),))
     return inputs, {ACTION_KEY: PolicyFeature(FeatureType.ACTION, (int(action_dim),))}

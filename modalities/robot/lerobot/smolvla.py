@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerFast, SmolVLMConfig
 from mmdistill.errors import CompatibilityError
 from mmdistill.interfaces import Rollout
 from mmdistill.modalities.robot.lerobot.common import (
+    IMAGE_KEY,
     LeRobotWrapper,
     Stats,
     action_stats,
@@ -294,17 +295,22 @@ def tiny_smolvla(
     max_dim: int = 32,
     seed: int = 0,
     device: str = "cpu",
+    image_keys: tuple[str, ...] = (IMAGE_KEY,),
+    vlm_image_size: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """A random-init LeRobot `SmolVLAPolicy` on the tiny VLM of `write_tiny_smolvlm(vlm_dir)`
-    (`load_vlm_weights=False`: nothing is downloaded)."""
+    (`load_vlm_weights=False`: nothing is downloaded).  One camera feature of `image_shape` per key
+    of `image_keys` (LIBERO checkpoints: `observation.images.image` and `.image2` at 256 px); SmolVLA
+    resizes them with padding to `vlm_image_size` (default: `image_shape`'s own size), which must be
+    the tiny VLM's image size."""
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     vlm_dir = Path(vlm_dir)
     if not (vlm_dir / "config.json").is_file():
         raise FileNotFoundError(f"{vlm_dir}: no VLM config; create it with write_tiny_smolvlm({str(vlm_dir)!r}) first")
-    inputs, outputs = policy_features(state_dim, action_dim, image_shape, None)
+    inputs, outputs = policy_features(state_dim, action_dim, image_shape, None, image_keys=tuple(image_keys))
     config = SmolVLAConfig(
         input_features=inputs,
         output_features=outputs,
@@ -317,7 +323,7 @@ def tiny_smolvla(
         chunk_size=chunk_size,
         n_action_steps=chunk_size,
         num_steps=num_steps,
-        resize_imgs_with_padding=tuple(image_shape[1:]),
+        resize_imgs_with_padding=tuple(image_shape[1:]) if vlm_image_size is None else (vlm_image_size,) * 2,
         max_state_dim=max_dim,
         max_action_dim=max_dim,
         num_vlm_layers=-1,
