@@ -506,12 +506,18 @@ class GaussianBernoulli:
     gripper_logit_B_T:      logit of P(close); the gripper is independent of the arm
     open_value, close_value: how the gripper is written in an action (robosuite: -1 open, +1 close)
 
-    An action `[B, T, D + 1]` holds the arm dimensions first and the gripper last.  `log_prob`
-    reads the gripper by its side of the midpoint of `open_value` and `close_value` (robosuite
-    acts on the sign, so a continuous gripper value from another policy is read the same way).
+    repeat:                 the decision is executed `repeat` times in a row (an action chunk that
+                            is ONE decision): actions hold `repeat` copies, `[B, T, repeat * (D + 1)]`
+
+    An action `[B, T, D + 1]` holds the arm dimensions first and the gripper last.  `log_prob` reads
+    the gripper by its side of the midpoint of `open_value` and `close_value` (robosuite
+    acts on the sign, so a continuous gripper value from another policy is read the same way);
+    with `repeat > 1` it reads the mean of the copies (exact for a repeated action; a chunk of
+    independent draws is read as its average).  `mode`, `sample` and `from_noise` return the copies.
     Log-probs, entropies and KLs are the arm's summed Gaussian terms plus the gripper's Bernoulli
-    term (the true log-mass-density of the product).  `entropy_per_dim()` gives the D + 1 terms
-    `[B, T, D + 1]` for logging; `arm` is the Gaussian part as a `Gaussian`.
+    term (the true log-mass-density of the product, one decision per step whatever `repeat`).
+    `entropy_per_dim()` gives the D + 1 terms `[B, T, D + 1]` for logging; `arm` is the Gaussian
+    part as a `Gaussian`.
     """
 
     def __init__(
@@ -522,13 +528,19 @@ class GaussianBernoulli:
         mask_B_T: Tensor,
         open_value: float = -1.0,
         close_value: float = 1.0,
+        repeat: int = 1,
     ):
         if open_value == close_value:
             raise ValueError(f"gripper open_value and close_value are both {open_value}; use distinct values (-1, 1)")
+        if int(repeat) < 1:
+            raise ValueError(
+                f"GaussianBernoulli repeat={repeat}: a decision is executed at least once; use repeat >= 1"
+            )
         self.arm = Gaussian(mean_B_T_D, std_B_T_D, mask_B_T)
         self.gripper_logit_B_T = gripper_logit_B_T
         self.mask_B_T = mask_B_T
         self.open_value, self.close_value = float(open_value), float(close_value)
+        self.repeat = int(repeat)
 
     @classmethod
     def from_flat(
@@ -540,6 +552,7 @@ class GaussianBernoulli:
         log_std_max: float = 2.0,
         open_value: float = -1.0,
         close_value: float = 1.0,
+        repeat: int = 1,
     ) -> GaussianBernoulli:
         """Build from a policy head's flat output.
 
@@ -566,7 +579,7 @@ class GaussianBernoulli:
                 )
             mean, log_std = flat_B_T_F[..., :D], log_std_D.expand_as(flat_B_T_F[..., :D])
         std = log_std.clamp(log_std_min, log_std_max).exp()
-        return cls(mean, std, flat_B_T_F[..., -1], mask_B_T, open_value, close_value)
+        return cls(mean, std, flat_B_T_F[..., -1], mask_B_T, open_value, close_value, repeat)
 
     @property
     def mean_B_T_D(self) -> Tensor:
@@ -577,7 +590,7 @@ class GaussianBernoulli:
         return self.arm.std_B_T_D
 
     def _like(self, mean: Tensor, std: Tensor, logit: Tensor, mask: Tensor) -> GaussianBernoulli:
-        return GaussianBernoulli(mean, std, logit, mask, self.open_value, self.close_value)
+        return GaussianBernoulli(mean, std, logit, mask, self.open_value, self.close_value, self.repeat)
 
     def _check(self, other: object, what: str) -> GaussianBernoulli:
         if not isinstance(other, GaussianBernoulli):
@@ -589,6 +602,11 @@ class GaussianBernoulli:
             raise ValueError(
                 f"{what}: arm dims differ (self {self.mean_B_T_D.shape[-1]}, other {other.mean_B_T_D.shape[-1]}); "
                 "student and teacher must act in the same action space"
+            )
+        if other.repeat != self.repeat:
+            raise ValueError(
+                f"{what}: one decision is repeated {self.repeat} times by self, {other.repeat} by other; "
+                "give student and teacher the same chunk_size"
             )
         return other
 
@@ -603,14 +621,25 @@ class GaussianBernoulli:
         sign = closed_B_T.to(self.gripper_logit_B_T.dtype) * 2 - 1
         return F.logsigmoid(sign * self.gripper_logit_B_T)
 
-    def log_prob(self, actions_B_T_A: Tensor) -> Tensor:
-        """log N(arm) + log Bernoulli(gripper) of actions `[B, T, D + 1]`, `[B, T]`."""
+    def decision(self, actions_B_T_C: Tensor) -> Tensor:
+        """The one decision `[B, T, D + 1]` of actions `[B, T, repeat * (D + 1)]`: the mean of the copies."""
         D = self.mean_B_T_D.shape[-1]
-        if actions_B_T_A.shape[-1] != D + 1:
+        if actions_B_T_C.shape[-1] != self.repeat * (D + 1):
             raise ValueError(
-                f"GaussianBernoulli.log_prob: actions have {actions_B_T_A.shape[-1]} dims, expected D + 1 = {D + 1} "
-                "(arm dims, then the gripper last)"
+                f"GaussianBernoulli.log_prob: actions have {actions_B_T_C.shape[-1]} dims, expected "
+                f"repeat * (D + 1) = {self.repeat} * {D + 1} (arm dims, then the gripper last, per copy)"
             )
+        if self.repeat == 1:
+            return actions_B_T_C
+        return actions_B_T_C.unflatten(-1, (self.repeat, D + 1)).mean(-2)
+
+    def _copies(self, action_B_T_A: Tensor) -> Tensor:
+        return action_B_T_A if self.repeat == 1 else action_B_T_A.repeat(*([1] * (action_B_T_A.dim() - 1)), self.repeat)
+
+    def log_prob(self, actions_B_T_A: Tensor) -> Tensor:
+        """log N(arm) + log Bernoulli(gripper) of actions `[B, T, repeat * (D + 1)]`, `[B, T]`."""
+        D = self.mean_B_T_D.shape[-1]
+        actions_B_T_A = self.decision(actions_B_T_A)
         arm = self.arm.log_prob(actions_B_T_A[..., :D])
         return arm + self.gripper_log_prob(self.gripper_closed(actions_B_T_A)) * self.mask_B_T
 
@@ -654,10 +683,11 @@ class GaussianBernoulli:
     def mode(self) -> Tensor:
         """The most likely action `[B, T, D + 1]`: the arm mean and the likelier gripper (close when logit > 0)."""
         g = torch.where(self.gripper_logit_B_T > 0, self.close_value, self.open_value).to(self.mean_B_T_D.dtype)
-        return torch.cat([self.mean_B_T_D, g.unsqueeze(-1)], dim=-1)
+        return self._copies(torch.cat([self.mean_B_T_D, g.unsqueeze(-1)], dim=-1))
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """One action `[B, T, D + 1]` per step (no gradient): arm from the Gaussian, gripper as open / close value."""
+        """One action `[B, T, repeat * (D + 1)]` per step (no gradient): arm from the Gaussian, gripper as open /
+        close value."""
         with torch.no_grad():
             eps = torch.randn(
                 self.mean_B_T_D.shape, generator=generator, dtype=self.mean_B_T_D.dtype, device=self.mean_B_T_D.device
@@ -671,7 +701,24 @@ class GaussianBernoulli:
             )
             closed = u < torch.sigmoid(self.gripper_logit_B_T)
             g = torch.where(closed, self.close_value, self.open_value).to(arm.dtype)
-            return torch.cat([arm, g.unsqueeze(-1)], dim=-1)
+            return self._copies(torch.cat([arm, g.unsqueeze(-1)], dim=-1))
+
+    def from_noise(self, eps_B_T_E: Tensor) -> Tensor:
+        """The action `[B, T, repeat * (D + 1)]` that standard-normal noise `[B, T, E >= D + 1]` selects (no
+        gradient): arm `mean + std * eps[:D]`, gripper closed when `Phi(eps[D]) < sigmoid(logit)` (an exact
+        Bernoulli draw from a normal variate), so pre-drawn noise gives the same episode in any batching."""
+        D = self.mean_B_T_D.shape[-1]
+        if eps_B_T_E.shape[-1] < D + 1:
+            raise ValueError(
+                f"GaussianBernoulli.from_noise: noise has {eps_B_T_E.shape[-1]} dims, needs >= D + 1 = {D + 1}"
+            )
+        with torch.no_grad():
+            eps = eps_B_T_E.to(self.mean_B_T_D.dtype)
+            arm = self.mean_B_T_D + self.std_B_T_D * eps[..., :D]
+            u = 0.5 * (1 + torch.erf(eps[..., D] / math.sqrt(2)))
+            closed = u < torch.sigmoid(self.gripper_logit_B_T)
+            g = torch.where(closed, self.close_value, self.open_value).to(arm.dtype)
+            return self._copies(torch.cat([arm, g.unsqueeze(-1)], dim=-1))
 
     def topk(self, k: int) -> StepDist:
         raise _no(

@@ -52,12 +52,13 @@ from mmdistill.modalities.robot.policies import (
     ScriptedReachExpert,
     VisionGaussianPolicy,
 )
+from mmdistill.modalities.robot.protocols import wilson_interval
 from mmdistill.modalities.robot.record import record_lerobot_dataset
 from mmdistill.modalities.robot.task import LiberoTask
 from mmdistill.modalities.robot.tokenized import BinnedGaussian, TokenizedActionPolicy, tiny_tokenized_policy
 from mmdistill.modalities.robot.vec import EnvPool, WorkerCrashed
 from mmdistill.registry import ADAPTERS
-from mmdistill.stepdist import Gaussian, HiddenCategorical, VelocityStepDist
+from mmdistill.stepdist import Gaussian, GaussianBernoulli, HiddenCategorical, VelocityStepDist
 
 __all__ = ["RobotPolicyAdapter", "TinyPolicyConfig", "RobotRolloutConfig", "RobotEvalConfig", "cat_step_dists"]
 
@@ -188,6 +189,7 @@ class RobotPolicyAdapter:
         self.task: Any = None  # set by `bind`: the environment factory and action dimension
         self._pool: Any = None  # worker processes, when the task asks for them
         self._chunk: tuple[int, str] | None = None  # (chunk_size, model name) of the first policy loaded
+        self._kl_states: dict[str, Any] = {}  # eval.kl_teacher: the teacher-visited states and its distribution
 
     # ------------------------------------------------------------------ checkpoints and tokenizers (class-level)
 
@@ -266,36 +268,7 @@ class RobotPolicyAdapter:
             )
         if cfg.tiny is not None:
             t = cfg.tiny if isinstance(cfg.tiny, TinyPolicyConfig) else TinyPolicyConfig(**cfg.tiny)
-            torch.manual_seed(t.seed)
-            if t.kind == "scripted_reach":
-                model = ScriptedReachExpert(t.gain, t.std)
-            elif t.kind == "scripted_pick_place":
-                model = ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
-            elif t.kind == "funnel_pick_place":
-                model = FunnelPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz)
-            elif t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
-                words = sorted({w for text in getattr(self.task, "languages", {}).values() for w in text.split()})
-                model = tiny_tokenized_policy(
-                    words, action_dim, t.chunk_size, t.bins, t.hidden, t.layers, t.seed, str(self.device)
-                )
-            elif t.kind == "lerobot_act":  # a random-init LeRobot ACT as a Gaussian head
-                size = int(getattr(self.task, "image_size", 0) or 0)
-                act = tiny_act(
-                    obs_dim,
-                    action_dim,
-                    t.chunk_size,
-                    _policy_stats(self.task),
-                    image_shape=(3, size, size) if size else None,
-                    dim_model=t.channels,
-                    seed=t.seed,
-                    device=str(self.device),
-                )
-                model = ACTGaussianPolicy(act, t.chunk_size, t.init_log_std)
-            elif t.kind == "vision_gaussian":
-                model = VisionGaussianPolicy(obs_dim, action_dim, t.chunk_size, t.channels, t.hidden, t.init_log_std)
-            else:
-                model = GaussianMLPPolicy(obs_dim, action_dim, t.hidden, t.layers, t.init_log_std, t.chunk_size)
-            return self._check_compatible(model.to(self.device), name)
+            return self._check_compatible(self.tiny_policy(t).to(self.device), name)
         path = Path(cfg.path)
         self.check_checkpoint(str(path), name)
         conf = json.loads((path / "config.json").read_text())
@@ -319,6 +292,51 @@ class RobotPolicyAdapter:
                 f"the environment has {obs_dim} / {action_dim}; teacher, student and environment must agree"
             )
         return self._check_compatible(model.to(self.device), name)
+
+    def tiny_policy(self, t: TinyPolicyConfig) -> torch.nn.Module:
+        """A policy built from a `tiny` section (random init seeded by `t.seed`, or a scripted expert)."""
+        obs_dim, action_dim = self.task.obs_dim, self.task.action_dim
+        torch.manual_seed(t.seed)
+        student_head = dict(
+            head=t.head,
+            std_mode=t.std_mode,
+            log_std_min=t.log_std_min,
+            log_std_max=t.log_std_max,
+            obs_shift=t.obs_shift,
+            obs_scale=t.obs_scale,
+            axis_angle=t.axis_angle,
+            env_entries=t.env_entries,
+        )
+        expert_head = dict(head=t.head, gripper_logit=t.gripper_logit)
+        if t.kind == "scripted_reach":
+            return ScriptedReachExpert(t.gain, t.std)
+        if t.kind == "scripted_pick_place":
+            return ScriptedPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz, **expert_head)
+        if t.kind == "funnel_pick_place":
+            return FunnelPickPlaceExpert(t.gain, t.std, chunk_size=t.chunk_size, grasp_dz=t.grasp_dz, **expert_head)
+        if t.kind == "tokenized_lm":  # OpenVLA-style: a causal LM over binned action tokens
+            words = sorted({w for text in getattr(self.task, "languages", {}).values() for w in text.split()})
+            return tiny_tokenized_policy(
+                words, action_dim, t.chunk_size, t.bins, t.hidden, t.layers, t.seed, str(self.device)
+            )
+        if t.kind == "lerobot_act":  # a random-init LeRobot ACT as a Gaussian head
+            size = int(getattr(self.task, "image_size", 0) or 0)
+            act = tiny_act(
+                obs_dim,
+                action_dim,
+                t.chunk_size,
+                _policy_stats(self.task),
+                image_shape=(3, size, size) if size else None,
+                dim_model=t.channels,
+                seed=t.seed,
+                device=str(self.device),
+            )
+            return ACTGaussianPolicy(act, t.chunk_size, t.init_log_std)
+        if t.kind == "vision_gaussian":
+            return VisionGaussianPolicy(
+                obs_dim, action_dim, t.chunk_size, t.channels, t.hidden, t.init_log_std, **student_head
+            )
+        return GaussianMLPPolicy(obs_dim, action_dim, t.hidden, t.layers, t.init_log_std, t.chunk_size, **student_head)
 
     def _check_compatible(self, model: Any, name: str) -> Any:
         """Every policy of a run acts in chunks of the same length (the KL is over whole chunks)."""
@@ -471,7 +489,12 @@ class RobotPolicyAdapter:
                 a, lp = a_N.unsqueeze(1), chain.behavior_logp_B_T.sum(-1, keepdim=True)
             else:
                 d = policy.dist(o, torch.ones(B, 1, device=self.device))
-                a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_D[:, t : t + 1] if eps_B_T_D is not None else d.mode()
+                if eps_B_T_D is None:
+                    a = d.mode()
+                elif isinstance(d, GaussianBernoulli):  # arm and gripper drawn from the pre-drawn noise
+                    a = d.from_noise(eps_B_T_D[:, t : t + 1])
+                else:
+                    a = d.mean_B_T_D + d.std_B_T_D * eps_B_T_D[:, t : t + 1]
                 lp = d.log_prob(a)
             for k in obs_B_T:
                 obs_B_T[k][:, t] = o[k][:, 0]
@@ -551,11 +574,18 @@ class RobotPolicyAdapter:
 
     @torch.no_grad()
     def dist_metrics(self, dist: Any, rollout: Rollout) -> dict[str, float]:
-        """The policy's mean entropy per decision at the rollout's states (the entropy curves)."""
+        """The policy's mean entropy per decision at the rollout's states (the entropy curves); for an arm +
+        gripper head also the mean std of each arm dimension (`std_d0`, ...) and P(close) (`p_close`)."""
         if isinstance(dist, VelocityStepDist):  # a flow head's chain has no closed-form action entropy
             return {}
-        n = rollout.mask_B_T.sum().clamp(min=1)
-        return {"entropy": float((dist.entropy() * rollout.mask_B_T).sum() / n)}
+        m = rollout.mask_B_T
+        n = m.sum().clamp(min=1)
+        out = {"entropy": float((dist.entropy() * m).sum() / n)}
+        if isinstance(dist, GaussianBernoulli):
+            std_D = (dist.std_B_T_D * m.unsqueeze(-1)).sum((0, 1)) / n
+            out.update({f"std_d{i}": float(v) for i, v in enumerate(std_D)})
+            out["p_close"] = float((torch.sigmoid(dist.gripper_logit_B_T) * m).sum() / n)
+        return out
 
     # ------------------------------------------------------------------ evaluation
 
@@ -582,10 +612,29 @@ class RobotPolicyAdapter:
             "success_rate": float(r.rewards_B.mean()),
             "decisions": float(r.extras["decisions_B"].float().mean()),
         }
+        lo, hi = wilson_interval(int(round(float(r.rewards_B.sum()))), len(states))
+        out.update(success_ci95_low=round(lo, 4), success_ci95_high=round(hi, 4))
         if not isinstance(
             d, VelocityStepDist
         ):  # Gaussian heads, action tokens; a flow head's chain has no closed-form action entropy
             out["entropy"] = float(d.entropy().sum() / n_steps)
+        if isinstance(d, GaussianBernoulli):  # entropy of each arm dimension and of the gripper, per decision
+            h_D = (d.entropy_per_dim() * r.mask_B_T.unsqueeze(-1)).sum((0, 1)) / n_steps
+            out["entropy_by_dim"] = {f"d{i}": round(float(v), 4) for i, v in enumerate(h_D[:-1])} | {
+                "gripper": round(float(h_D[-1]), 4)
+            }
+        if cfg.sampled:  # the policy's own samples from the same states, noise seeded by the run seed
+            gen = torch.Generator(device=self.device).manual_seed(1_000_003 * (seed + 1))
+            rs = self.run_episodes(model, states, gen, sample=True)
+            k = int(round(float(rs.rewards_B.sum())))
+            lo, hi = wilson_interval(k, len(states))
+            out.update(
+                sampled_success_rate=k / len(states),
+                sampled_success_ci95_low=round(lo, 4),
+                sampled_success_ci95_high=round(hi, 4),
+            )
+        if cfg.kl_teacher is not None:
+            out.update(self.kl_to_teacher(model, task, cfg))
         if hasattr(task, "group_of"):
             groups: dict[str, list[float]] = {}
             for p, ok in zip(states, r.rewards_B.tolist()):
@@ -599,6 +648,32 @@ class RobotPolicyAdapter:
             task.render_episodes(r.select(slice(0, cfg.grid)), path)
             out["video"] = str(path)
         return out
+
+    @torch.no_grad()
+    def kl_to_teacher(self, model: Any, task: Any, cfg: RobotEvalConfig) -> dict[str, float]:
+        """Closed-form KL(model || teacher) and KL(teacher || model) per decision, averaged over a fixed set of
+        teacher-visited states: the sampled episodes of `cfg.kl_teacher` from the first `cfg.kl_episodes`
+        initial states of `cfg.kl_split` (noise from `cfg.kl_seed`), run once per adapter and kept."""
+        key = json.dumps([cfg.kl_teacher, cfg.kl_split, cfg.kl_episodes, cfg.kl_seed], sort_keys=True)
+        if key not in self._kl_states:
+            teacher = self.tiny_policy(TinyPolicyConfig(**cfg.kl_teacher)).to(self.device).eval()
+            states = task.problems(cfg.kl_split, cfg.kl_episodes, seed=cfg.kl_seed)
+            gen = torch.Generator(device=self.device).manual_seed(cfg.kl_seed)
+            visited = self.run_episodes(teacher, states, gen, sample=True)
+            self._kl_states[key] = (visited, self.step_dist(teacher, visited))
+        visited, teacher_dist = self._kl_states[key]
+        d = self.step_dist(model, visited)
+        m = visited.mask_B_T
+        n = m.sum().clamp(min=1)
+        try:
+            reverse, forward = d.divergence(teacher_dist, 1.0), d.divergence(teacher_dist, 0.0)
+        except ValueError as e:
+            raise ConfigError(f"eval.kl_teacher: {e}") from e
+        return {
+            "kl_to_teacher_reverse": float((reverse * m).sum() / n),
+            "kl_to_teacher_forward": float((forward * m).sum() / n),
+            "kl_states": float(n),
+        }
 
     # ------------------------------------------------------------------ datasets
 

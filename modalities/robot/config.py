@@ -7,7 +7,7 @@ path, e.g. `stages.rkl_opd.rollout.`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 
@@ -41,6 +41,18 @@ class TinyPolicyConfig:
     grasp_dz: float = 0.02  # scripted_pick_place: grasp height above the object's origin (m)
     bins: int = 32  # tokenized_lm: action / state bins
     seed: int = 0
+    # gaussian_mlp, vision_gaussian and the pick-place experts: the step distribution's family
+    head: Literal["gaussian", "gaussian_bernoulli"] = "gaussian"  # gaussian_bernoulli: arm x gripper, one decision
+    std_mode: Literal["param", "state"] = "param"  # gaussian_bernoulli students: state-independent or state-dependent
+    log_std_min: float = -4.0  # gaussian_bernoulli students: the log-std is squashed into [min, max]
+    log_std_max: float = 0.5
+    gripper_logit: float = 8.0  # pick-place experts with head gaussian_bernoulli: |logit| of their open/close label
+    obs_shift: list[float] | None = None  # students: network input (state - shift) / scale, one number per entry
+    obs_scale: list[float] | None = None
+    axis_angle: int | None = None  # students: index of a 3-D axis-angle in the state, fed as its rotation matrix
+    # students: entries of observation.environment_state appended to the state (LIBERO 7..12: object and basket
+    # positions, a low-dimensional state student); None: proprioception only
+    env_entries: list[int] | None = None
 
 
 @dataclass
@@ -77,19 +89,40 @@ class RobotEvalConfig:
     split:       "official" (alias "test": the evaluation states), "heldout_layouts" (LIBERO: our own sampled
                  layouts, never official or trained on; needs task.num_heldout > 0) or "train" (training states)
     grid:        episodes in the video written at every evaluation (0: none)
+    sampled:     also run the policy's samples (not only its mean action) from the same states, noise
+                 seeded by the run seed: `sampled_success_rate`
+    kl_teacher:  a teacher as a `models.NAME.tiny` section (a scripted expert): its own sampled episodes from
+                 the first `kl_episodes` initial states of `kl_split` (noise seeded by `kl_seed`) are a fixed
+                 set of teacher-visited states, made once per run; every evaluation reports the closed-form
+                 `kl_to_teacher_reverse` KL(pi || teacher) and `kl_to_teacher_forward` KL(teacher || pi)
+                 per decision there
     """
 
     n: int = 200
     batch_size: int = 200
     split: str = "test"
     grid: int = 16
+    sampled: bool = False
+    kl_teacher: dict | None = None
+    kl_episodes: int = 8
+    kl_split: str = "heldout_layouts"
+    kl_seed: int = 0
 
     def __post_init__(self) -> None:
         _at_least("n", self.n, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grid", self.grid, 0)
-        if self.split not in ("official", "test", "heldout_layouts", "train"):
-            raise ValueError(
-                f"split: {self.split!r} is not a split of robot tasks; use official (alias test), heldout_layouts "
-                "or train"
-            )
+        _at_least("kl_episodes", self.kl_episodes, 1)
+        for key in ("split", "kl_split"):
+            if getattr(self, key) not in ("official", "test", "heldout_layouts", "train"):
+                raise ValueError(
+                    f"{key}: {getattr(self, key)!r} is not a split of robot tasks; use official (alias test), "
+                    "heldout_layouts or train"
+                )
+        if self.kl_teacher is not None:
+            if not isinstance(self.kl_teacher, dict):
+                raise ValueError(f"kl_teacher: {self.kl_teacher!r} is not a mapping; give a tiny section {{kind: ...}}")
+            known = {f.name for f in fields(TinyPolicyConfig)}
+            unknown = sorted(set(self.kl_teacher) - known)
+            if unknown:
+                raise ValueError(f"kl_teacher: unknown keys {unknown}; a tiny section takes {sorted(known)}")

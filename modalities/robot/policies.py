@@ -1,9 +1,17 @@
 """Policies for the robot modality: each maps observations `[B, T, O]` to a step distribution.
 
-- `GaussianMLPPolicy`: a small MLP mean and a state-independent log-std (a continuous action head,
-  the CPU-sized student);
+- `GaussianMLPPolicy`: a small MLP on the proprioceptive state (the CPU-sized student);
+- `VisionGaussianPolicy`: a small CNN on the camera image plus the state (the GPU-sized student);
 - `ScriptedReachExpert`: a privileged scripted expert for the point mass, a Gaussian around the
-  proportional controller `clip(gain * (goal - pos), -1, 1)` (the CPU-sized teacher).
+  proportional controller `clip(gain * (goal - pos), -1, 1)` (the CPU-sized teacher);
+- `ScriptedPickPlaceExpert`, `FunnelPickPlaceExpert`: privileged LIBERO experts.
+
+Students choose their head (`ActionHead`): `gaussian` (a diagonal Gaussian over the chunk's
+`K x A` numbers, state-independent log-std) or `gaussian_bernoulli` (the robot's own action
+space: Gaussian arm dimensions times a Bernoulli gripper, `mmdistill.stepdist.GaussianBernoulli`,
+one decision of A numbers repeated over the chunk, a clamped state-independent or state-dependent
+log-std).  The LIBERO experts expose the matching `gaussian_bernoulli` head (their label as the arm
+mean, a sharp Bernoulli on their open / close label), so closed-form KLs between them are defined.
 
     python -c "from mmdistill.modalities.robot.policies import *; print(GaussianMLPPolicy(4, 2))"
 """
@@ -15,7 +23,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mmdistill.stepdist import Gaussian
+from mmdistill.stepdist import Gaussian, GaussianBernoulli
+
+HEADS = ("gaussian", "gaussian_bernoulli")
+STD_MODES = ("param", "state")
 
 
 def state_of(obs: Tensor | dict) -> Tensor:
@@ -23,8 +34,133 @@ def state_of(obs: Tensor | dict) -> Tensor:
     return obs["observation.state"] if isinstance(obs, dict) else obs
 
 
+class StateFeatures(nn.Module):
+    """The network input of an observation: the proprioceptive state `[..., S]`, followed by the entries
+    `env_entries` of `observation.environment_state` when given (a low-dimensional state student, e.g.
+    LIBERO's object and basket positions 7..12, what robomimic's low_dim policies read; none: proprioception
+    only), as `(x - shift) / scale` per entry; when `axis_angle` is the index of a 3-D axis-angle in the
+    state (LIBERO's 8-D state: 3), those three entries are replaced by the 9 entries of its rotation matrix
+    (continuous where the axis-angle flips sign at an angle of pi, as it does for a gripper pointing down)."""
+
+    def __init__(
+        self,
+        state_dim: int,
+        shift: list[float] | None = None,
+        scale: list[float] | None = None,
+        axis_angle: int | None = None,
+        env_entries: list[int] | None = None,
+    ):
+        super().__init__()
+        self.env_entries = [int(i) for i in env_entries] if env_entries else None
+        state_dim = state_dim + len(self.env_entries or [])
+        for name, v in (("obs_shift", shift), ("obs_scale", scale)):
+            if v is not None and len(v) != state_dim:
+                raise ValueError(f"{name}: {len(v)} numbers for a {state_dim}-D state; give one per state entry")
+        if scale is not None and min(scale) <= 0:
+            raise ValueError(f"obs_scale: {list(scale)} has an entry <= 0; every scale must be positive")
+        if axis_angle is not None and not 0 <= axis_angle <= state_dim - 3:
+            raise ValueError(f"axis_angle: {axis_angle} does not index 3 entries of a {state_dim}-D state")
+        # not in the state dict: rebuilt from config.json, so checkpoints written before them still load
+        self.register_buffer("shift", torch.tensor(shift or [0.0] * state_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("scale", torch.tensor(scale or [1.0] * state_dim, dtype=torch.float32), persistent=False)
+        self._config = {"obs_shift": shift, "obs_scale": scale, "axis_angle": axis_angle, "env_entries": env_entries}
+        self.axis_angle = axis_angle
+        self.dim = state_dim + (6 if axis_angle is not None else 0)
+
+    def config(self) -> dict:
+        """The keys of a policy's config.json that rebuild these features (none when all are defaults)."""
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self._config.items() if v is not None}
+
+    def forward(self, obs: Tensor | dict) -> Tensor:
+        state = state_of(obs).float()
+        if self.env_entries is not None:
+            if not isinstance(obs, dict) or "observation.environment_state" not in obs:
+                raise ValueError(
+                    "env_entries: this policy reads observation.environment_state, which the observation lacks"
+                )
+            env = obs["observation.environment_state"].float()
+            state = torch.cat([state, env[..., self.env_entries]], -1)
+        x = (state - self.shift) / self.scale
+        if self.axis_angle is None:
+            return x
+        i = self.axis_angle
+        rot = _rotvec_to_matrix(state[..., i : i + 3].reshape(-1, 3)).reshape(*state.shape[:-1], 9)
+        return torch.cat([x[..., :i], rot, x[..., i + 3 :]], -1)
+
+
+class GaussianBernoulliHead(nn.Module):
+    """Features `[B, T, H]` -> `GaussianBernoulli`: `action_dim - 1` Gaussian arm dimensions and the
+    gripper (last) Bernoulli, ONE decision of `action_dim` numbers repeated `chunk_size` times.
+
+    log-std `param` (state-independent) or `state` (a linear map of the features, zero-initialised so
+    it starts state-independent), squashed smoothly into [log_std_min, log_std_max] by a sigmoid
+    (gradients everywhere, never outside the bounds), starting at `init_log_std`.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        action_dim: int,
+        chunk_size: int = 1,
+        std_mode: str = "param",
+        init_log_std: float = -1.0,
+        log_std_min: float = -4.0,
+        log_std_max: float = 0.5,
+    ):
+        super().__init__()
+        if std_mode not in STD_MODES:
+            raise ValueError(f"std_mode: {std_mode!r}; choose one of {STD_MODES}")
+        if not log_std_min < init_log_std < log_std_max:
+            raise ValueError(
+                f"init_log_std: {init_log_std} must lie strictly inside [log_std_min, log_std_max] = "
+                f"[{log_std_min}, {log_std_max}]"
+            )
+        if action_dim < 2:
+            raise ValueError(f"head: gaussian_bernoulli needs arm dims and a gripper; the action has {action_dim} dim")
+        self.std_mode, self.chunk_size = std_mode, chunk_size
+        self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+        D = action_dim - 1
+        self.out = nn.Linear(in_dim, action_dim)  # [arm mean (D), gripper logit]
+        frac = (init_log_std - log_std_min) / (log_std_max - log_std_min)
+        raw0 = math.log(frac / (1 - frac))
+        if std_mode == "param":
+            self.raw_log_std = nn.Parameter(torch.full((D,), raw0))
+        else:
+            self.std_out = nn.Linear(in_dim, D)
+            nn.init.zeros_(self.std_out.weight)
+            nn.init.constant_(self.std_out.bias, raw0)
+
+    def log_std(self, raw: Tensor) -> Tensor:
+        """The squashed log-std `log_std_min + (log_std_max - log_std_min) * sigmoid(raw)`."""
+        return self.log_std_min + (self.log_std_max - self.log_std_min) * torch.sigmoid(raw)
+
+    def forward(self, h_B_T_H: Tensor, mask_B_T: Tensor) -> GaussianBernoulli:
+        out = self.out(h_B_T_H)
+        mean, logit = out[..., :-1], out[..., -1]
+        raw = self.raw_log_std.expand_as(mean) if self.std_mode == "param" else self.std_out(h_B_T_H)
+        return GaussianBernoulli(mean, self.log_std(raw).exp(), logit, mask_B_T, repeat=self.chunk_size)
+
+
+def _check_head(head: str, std_mode: str) -> None:
+    if head not in HEADS:
+        raise ValueError(f"head: {head!r}; choose one of {HEADS}")
+    if head == "gaussian" and std_mode != "param":
+        raise ValueError("std_mode: state needs head: gaussian_bernoulli (the gaussian head keeps its parameter)")
+
+
+def _head_config(head: str, std_mode: str, log_std_min: float, log_std_max: float) -> dict:
+    """The head's keys of a policy's config.json (none for the original Gaussian head: old checkpoints load)."""
+    if head == "gaussian":
+        return {}
+    return {"head": head, "std_mode": std_mode, "log_std_min": log_std_min, "log_std_max": log_std_max}
+
+
 class GaussianMLPPolicy(nn.Module):
-    """An MLP on the state; `chunk_size` actions per decision."""
+    """An MLP on the proprioceptive state (`StateFeatures`); `chunk_size` actions per decision.
+
+    head `gaussian` (default, the original student): a diagonal Gaussian over the chunk's
+    `chunk_size * action_dim` numbers with a state-independent log-std clamped to [-5, 2];
+    head `gaussian_bernoulli`: `GaussianBernoulliHead` (one decision repeated over the chunk)."""
 
     kind = "gaussian_mlp"
 
@@ -36,16 +172,31 @@ class GaussianMLPPolicy(nn.Module):
         layers: int = 2,
         init_log_std: float = -0.5,
         chunk_size: int = 1,
+        head: str = "gaussian",
+        std_mode: str = "param",
+        log_std_min: float = -4.0,
+        log_std_max: float = 0.5,
+        obs_shift: list[float] | None = None,
+        obs_scale: list[float] | None = None,
+        axis_angle: int | None = None,
+        env_entries: list[int] | None = None,
     ):
         super().__init__()
-        self.action_dim, self.chunk_size = action_dim, chunk_size
-        dims = [obs_dim] + [hidden] * layers
+        _check_head(head, std_mode)
+        self.action_dim, self.chunk_size, self.head_kind = action_dim, chunk_size, head
+        self.features = StateFeatures(obs_dim, obs_shift, obs_scale, axis_angle, env_entries)
+        dims = [self.features.dim] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             body += [nn.Linear(a, b), nn.Tanh()]
         self.body = nn.Sequential(*body)
-        self.mean = nn.Linear(dims[-1], action_dim * chunk_size)
-        self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        if head == "gaussian":
+            self.mean = nn.Linear(dims[-1], action_dim * chunk_size)
+            self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        else:
+            self.gb_head = GaussianBernoulliHead(
+                dims[-1], action_dim, chunk_size, std_mode, init_log_std, log_std_min, log_std_max
+            )
         self.config = {
             "kind": self.kind,
             "obs_dim": obs_dim,
@@ -54,10 +205,15 @@ class GaussianMLPPolicy(nn.Module):
             "layers": layers,
             "init_log_std": init_log_std,
             "chunk_size": chunk_size,
+            **_head_config(head, std_mode, log_std_min, log_std_max),
+            **self.features.config(),
         }
 
-    def dist(self, obs: Tensor | dict, mask_B_T: Tensor) -> Gaussian:
-        mean = self.mean(self.body(state_of(obs)))
+    def dist(self, obs: Tensor | dict, mask_B_T: Tensor) -> Gaussian | GaussianBernoulli:
+        h = self.body(self.features(obs))
+        if self.head_kind == "gaussian_bernoulli":
+            return self.gb_head(h, mask_B_T)
+        mean = self.mean(h)
         std = self.log_std.clamp(-5, 2).exp().expand_as(mean)
         return Gaussian(mean, std, mask_B_T)
 
@@ -75,8 +231,10 @@ class SpatialSoftmax(nn.Module):
 
 class VisionGaussianPolicy(nn.Module):
     """A small vision student: a 3-layer CNN with spatial-softmax keypoints on the camera image,
-    concatenated with the proprioceptive state, an MLP to the mean of a chunk of `chunk_size`
-    actions, and a state-independent log-std.  Never reads `observation.environment_state`."""
+    concatenated with the proprioceptive state (`StateFeatures`), an MLP, and the head: `gaussian`
+    (default: the mean of a chunk of `chunk_size` free actions, a state-independent log-std) or
+    `gaussian_bernoulli` (`GaussianBernoulliHead`: one decision repeated over the chunk).  Never
+    reads `observation.environment_state`."""
 
     kind = "vision_gaussian"
 
@@ -89,9 +247,19 @@ class VisionGaussianPolicy(nn.Module):
         hidden: int = 128,
         init_log_std: float = -1.0,
         image_key: str = "observation.images.image",
+        head: str = "gaussian",
+        std_mode: str = "param",
+        log_std_min: float = -4.0,
+        log_std_max: float = 0.5,
+        obs_shift: list[float] | None = None,
+        obs_scale: list[float] | None = None,
+        axis_angle: int | None = None,
+        env_entries: list[int] | None = None,
     ):
         super().__init__()
-        self.action_dim, self.chunk_size, self.image_key = action_dim, chunk_size, image_key
+        _check_head(head, std_mode)
+        self.action_dim, self.chunk_size, self.image_key, self.head_kind = action_dim, chunk_size, image_key, head
+        self.features = StateFeatures(state_dim, obs_shift, obs_scale, axis_angle, env_entries)
         self.conv = nn.Sequential(
             nn.Conv2d(3, channels // 2, 5, stride=2),
             nn.ReLU(),
@@ -100,14 +268,20 @@ class VisionGaussianPolicy(nn.Module):
             nn.Conv2d(channels, channels, 3),
             SpatialSoftmax(),
         )
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * channels + state_dim, hidden),
+        trunk: list[nn.Module] = [
+            nn.Linear(2 * channels + self.features.dim, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
-            nn.Linear(hidden, action_dim * chunk_size),
-        )
-        self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        ]
+        if head == "gaussian":
+            self.mlp = nn.Sequential(*trunk, nn.Linear(hidden, action_dim * chunk_size))
+            self.log_std = nn.Parameter(torch.full((action_dim * chunk_size,), float(init_log_std)))
+        else:
+            self.mlp = nn.Sequential(*trunk)
+            self.gb_head = GaussianBernoulliHead(
+                hidden, action_dim, chunk_size, std_mode, init_log_std, log_std_min, log_std_max
+            )
         self.config = {
             "kind": self.kind,
             "state_dim": state_dim,
@@ -117,16 +291,20 @@ class VisionGaussianPolicy(nn.Module):
             "hidden": hidden,
             "init_log_std": init_log_std,
             "image_key": image_key,
+            **_head_config(head, std_mode, log_std_min, log_std_max),
+            **self.features.config(),
         }
 
-    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian | GaussianBernoulli:
         img = obs[self.image_key]
         B, T = img.shape[:2]
         x = img.reshape(B * T, *img.shape[2:]).float() / 255.0 - 0.5
         feats = self.conv(x).view(B, T, -1)
-        mean = self.mlp(torch.cat([feats, obs["observation.state"].float()], -1))
-        std = self.log_std.clamp(-5, 2).exp().expand_as(mean)
-        return Gaussian(mean, std, mask_B_T)
+        h = self.mlp(torch.cat([feats, self.features(obs)], -1))
+        if self.head_kind == "gaussian_bernoulli":
+            return self.gb_head(h, mask_B_T)
+        std = self.log_std.clamp(-5, 2).exp().expand_as(h)
+        return Gaussian(h, std, mask_B_T)
 
 
 class ScriptedReachExpert(nn.Module):
@@ -192,10 +370,17 @@ class ScriptedPickPlaceExpert(nn.Module):
         xy_tol: float = 0.01,
         drop: float = 0.10,
         approach: float = 0.10,
+        head: str = "gaussian",
+        gripper_logit: float = 8.0,
     ):
         super().__init__()
         if std <= 0 or chunk_size < 1:
             raise ValueError(f"the scripted expert needs std > 0 and chunk_size >= 1; got {std}, {chunk_size}")
+        if head not in HEADS or gripper_logit <= 0:
+            raise ValueError(
+                f"the scripted expert's head is one of {HEADS} with gripper_logit > 0; got {head!r}, {gripper_logit}"
+            )
+        self.head_kind, self.gripper_logit = head, float(gripper_logit)
         self.p = dict(
             gain=gain,
             grasp_dz=grasp_dz,
@@ -210,7 +395,23 @@ class ScriptedPickPlaceExpert(nn.Module):
             approach=approach,
         )
         self.std, self.chunk_size, self.action_dim = std, chunk_size, 7
-        self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p}
+        self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p, **self._head_config()}
+
+    def _head_config(self) -> dict:
+        return {} if self.head_kind == "gaussian" else {"head": self.head_kind, "gripper_logit": self.gripper_logit}
+
+    def labelled(self, a_B_T_7: Tensor, mask_B_T: Tensor) -> Gaussian | GaussianBernoulli:
+        """The step distribution around the controller's labels `[B, T, 7]`: head `gaussian`, `N(label, std^2)`
+        on each of the chunk's `chunk_size * 7` numbers (the label repeated); head `gaussian_bernoulli`, one
+        decision repeated over the chunk, `N(label, std^2)` on the 6 arm dimensions and a sharp Bernoulli
+        gripper, logit `+gripper_logit` on a close label (> 0) and `-gripper_logit` on an open one."""
+        B, T, A = a_B_T_7.shape
+        if self.head_kind == "gaussian_bernoulli":
+            arm = a_B_T_7[..., :-1]
+            logit = torch.where(a_B_T_7[..., -1] > 0, self.gripper_logit, -self.gripper_logit)
+            return GaussianBernoulli(arm, torch.full_like(arm, self.std), logit, mask_B_T, repeat=self.chunk_size)
+        a = a_B_T_7.view(B, T, 1, A).expand(B, T, self.chunk_size, A).reshape(B, T, -1)
+        return Gaussian(a, torch.full_like(a, self.std), mask_B_T)
 
     def action(self, priv_N_P: Tensor) -> Tensor:
         """The controller's action `[N, 7]` from privileged states `[N, 13]`."""
@@ -260,16 +461,10 @@ class ScriptedPickPlaceExpert(nn.Module):
         g = torch.where(release, -1.0, torch.where(held, held_g, reach_g))
         return torch.cat([pos, torch.zeros_like(pos), col(g)], -1)
 
-    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian | GaussianBernoulli:
         priv = obs["observation.environment_state"]
         B, T, P = priv.shape
-        a = (
-            self.action(priv.reshape(B * T, P).float())
-            .view(B, T, 1, 7)
-            .expand(B, T, self.chunk_size, 7)
-            .reshape(B, T, -1)
-        )
-        return Gaussian(a, torch.full_like(a, self.std), mask_B_T)
+        return self.labelled(self.action(priv.reshape(B * T, P).float()).view(B, T, 7), mask_B_T)
 
 
 def _rotvec_to_matrix(rv_N_3: Tensor) -> Tensor:
@@ -348,7 +543,14 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
             rot_gain=rot_gain,
         )
         self.ref_rotvec = tuple(float(v) for v in ref_rotvec)
-        self.config = {"kind": self.kind, "std": std, "chunk_size": chunk_size, **self.p, "ref_rotvec": self.ref_rotvec}
+        self.config = {
+            "kind": self.kind,
+            "std": std,
+            "chunk_size": chunk_size,
+            **self.p,
+            "ref_rotvec": self.ref_rotvec,
+            **self._head_config(),
+        }
 
     def rotation(self, rotvec_N_3: Tensor) -> Tensor:
         """Rotation actions `[N, 3]`: `rot_gain` times the world-frame axis-angle from the current
@@ -405,15 +607,9 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
         rot = torch.zeros_like(pos) if rotvec_N_3 is None else self.rotation(rotvec_N_3)
         return torch.cat([pos, rot, col(g)], -1)
 
-    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian:
+    def dist(self, obs: dict, mask_B_T: Tensor) -> Gaussian | GaussianBernoulli:
         priv = obs["observation.environment_state"]
         B, T, P = priv.shape
         state = obs.get("observation.state") if isinstance(obs, dict) else None
         rotvec = None if state is None else state[..., 3:6].reshape(B * T, 3).float()
-        a = (
-            self.action(priv.reshape(B * T, P).float(), rotvec)
-            .view(B, T, 1, 7)
-            .expand(B, T, self.chunk_size, 7)
-            .reshape(B, T, -1)
-        )
-        return Gaussian(a, torch.full_like(a, self.std), mask_B_T)
+        return self.labelled(self.action(priv.reshape(B * T, P).float(), rotvec).view(B, T, 7), mask_B_T)
