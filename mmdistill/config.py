@@ -346,6 +346,11 @@ def normalise(raw: dict) -> dict:
     sections are defaults for every stage (a stage's own keys win)."""
     raw = copy.deepcopy(raw)
     defaults = {k: raw.pop(k) for k in STAGE_DEFAULT_SECTIONS if k in raw}
+    for key, value in defaults.items():
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{key}: expected a mapping (defaults for every stage), got {value!r}; fix or remove {key}"
+            )
     stage_keys = {"student", "teacher", "teachers", "anchor", "kind", "name", "evaluate"}
     if "stages" not in raw:
         stage = {k: raw.pop(k) for k in list(raw) if k in stage_keys}
