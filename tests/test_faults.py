@@ -130,6 +130,8 @@ def text_raw() -> dict:
 @pytest.mark.slow
 def test_two_processes_killed_five_times_at_random_end_with_the_uninterrupted_weights(tmp_path):
     raw = text_raw()
+    for st in raw["stages"]:  # long enough that 5 kills land before the end on an idle machine (~8 steps/s)
+        st["train"]["steps"] = 100
     cfg = write(raw, tmp_path, "killed")
     rng = random.Random(0)
     run = tmp_path / "killed"
@@ -137,7 +139,7 @@ def test_two_processes_killed_five_times_at_random_end_with_the_uninterrupted_we
     proc = start(["train", str(cfg), "--num-processes", "2", "--quiet"], tmp_path)
     wait_for(run / "config.yaml", proc, "config.yaml")  # the run exists; from here on it may die any time
     while kills < 5:
-        time.sleep(rng.uniform(2.0, 12.0))
+        time.sleep(rng.uniform(3.0, 12.0))  # from the launch: start-up (~8 s) or training
         if proc.poll() is not None:  # finished before the kill: start again from the top is not the test
             break
         os.killpg(proc.pid, signal.SIGKILL)
