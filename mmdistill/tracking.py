@@ -70,32 +70,27 @@ def _tensorboard(writer: Any, tag: str, kind: str, value: Any, step: int) -> Non
     writer.flush()
 
 
-def _wandb(tracker: Any, tag: str, kind: str, value: Any, step: int) -> None:
-    import wandb
+def _media_objects(module_name: str):
+    """A sender for trackers whose library has W&B-style Image / Video / Table classes (wandb, trackio)."""
 
-    if kind == "samples":
-        columns = list(dict.fromkeys(k for s in value for k in s))
-        item = wandb.Table(columns=columns, data=[[str(s.get(c, "")) for c in columns] for s in value])
-    else:
-        item = wandb.Image(value) if kind == "image" else wandb.Video(value)
-    tracker.log({tag: item}, step=step)
+    def send(tracker: Any, tag: str, kind: str, value: Any, step: int) -> None:
+        import importlib
 
+        lib = importlib.import_module(module_name)
+        if kind == "samples":
+            columns = list(dict.fromkeys(k for s in value for k in s))
+            item = lib.Table(columns=columns, data=[[str(s.get(c, "")) for c in columns] for s in value])
+        else:
+            item = lib.Image(value) if kind == "image" else lib.Video(value)
+        tracker.log({tag: item}, step=step)
 
-def _trackio(tracker: Any, tag: str, kind: str, value: Any, step: int) -> None:
-    import trackio
-
-    if kind == "samples":
-        columns = list(dict.fromkeys(k for s in value for k in s))
-        item = trackio.Table(columns=columns, data=[[str(s.get(c, "")) for c in columns] for s in value])
-    else:
-        item = trackio.Image(value) if kind == "image" else trackio.Video(value)
-    tracker.log({tag: item}, step=step)
+    return send
 
 
 SENDERS = {
     "tensorboard": lambda t: (_tensorboard, t.writer),
-    "wandb": lambda t: (_wandb, t),
-    "trackio": lambda t: (_trackio, t),
+    "wandb": lambda t: (_media_objects("wandb"), t),
+    "trackio": lambda t: (_media_objects("trackio"), t),
 }
 
 
