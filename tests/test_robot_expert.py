@@ -8,12 +8,21 @@ the target) its labels point back toward the grasp; no simulator, privileged sta
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from mmdistill.modalities.robot.policies import FunnelPickPlaceExpert, ScriptedPickPlaceExpert, gaussian_log_prob
+from mmdistill.modalities.robot.libero import PRIVILEGED, PRIVILEGED_DIM, collision_geoms, object_extent
+from mmdistill.modalities.robot.policies import (
+    FunnelPickPlaceExpert,
+    ScriptedPickPlaceExpert,
+    carry_lift,
+    gaussian_log_prob,
+    grasp_height,
+)
 
 torch.set_num_threads(1)
 
@@ -168,3 +177,128 @@ def test_the_adapter_builds_saves_and_reloads_the_funnel_expert(tmp_path):
     adapter.save(model, tmp_path / "expert")
     again = adapter.load_model(ModelConfig(path=str(tmp_path / "expert")))
     assert isinstance(again, FunnelPickPlaceExpert)
+
+
+# ---------------------------------------------------------------------------- the grasp per object
+
+
+def _fake_sim(half_N_3, centre_N_3, geom_R_N_3_3, geom_pos_N_3, body_z, bodies=None, contype=None):
+    """A MuJoCo model / data pair with only what `collision_geoms` and `object_extent` read."""
+    n = len(half_N_3)
+    bodies = [1] * n if bodies is None else bodies
+    model = SimpleNamespace(
+        ngeom=n,
+        geom_bodyid=np.asarray(bodies),
+        body_parentid=np.array([0, 0, 1, 0]),  # world, the object, its child, another object
+        geom_contype=np.ones(n, dtype=int) if contype is None else np.asarray(contype),
+        geom_conaffinity=np.zeros(n, dtype=int),
+        geom_aabb=np.concatenate([np.asarray(centre_N_3, float), np.asarray(half_N_3, float)], -1),
+    )
+    data = SimpleNamespace(
+        geom_xmat=np.asarray(geom_R_N_3_3, float).reshape(n, 9),
+        geom_xpos=np.asarray(geom_pos_N_3, float),
+        xpos=np.array([[0, 0, 0], [0.1, -0.1, body_z], [0, 0, 0], [0, 0, 0]], float),
+    )
+    return model, data
+
+
+def test_collision_geoms_are_the_body_subtree_s_colliding_geoms():
+    eye = np.eye(3)[None].repeat(5, 0)
+    model, _ = _fake_sim(
+        np.ones((5, 3)), np.zeros((5, 3)), eye, np.zeros((5, 3)), 0.0, bodies=[1, 2, 3, 1, 2], contype=[1, 1, 1, 0, 1]
+    )
+    # geom 3 is visual only (no contype / conaffinity), geom 2 belongs to another object
+    assert collision_geoms(model, 1).tolist() == [0, 1, 4]
+
+
+def test_object_extent_is_the_highest_and_lowest_box_corner_around_the_body():
+    # a flat box (the cream cheese: 8.1 x 4.3 x 1.8 cm) centred on its body, upright
+    half = [[0.0405, 0.0215, 0.0089]]
+    model, data = _fake_sim(half, [[0, 0, 0]], np.eye(3)[None], [[0.1, -0.1, 0.0089]], 0.0089)
+    top, bottom = object_extent(model, data, 1, np.array([0]))
+    assert top == pytest.approx(0.0089, abs=1e-12) and bottom == pytest.approx(0.0089, abs=1e-12)
+    # two geoms, one rotated 90 degrees about x and offset in its own frame: brute force over corners
+    R = Rotation.from_rotvec([math.pi / 2, 0, 0]).as_matrix()
+    halves, centres = [[0.01, 0.03, 0.02], [0.02, 0.02, 0.05]], [[0, 0, 0.01], [0, 0.0, 0.0]]
+    rots, pos = [np.eye(3), R], [[0.1, -0.1, 0.50], [0.1, -0.08, 0.52]]
+    model, data = _fake_sim(halves, centres, rots, pos, 0.49)
+    zs = [
+        (np.asarray(rot) @ (np.asarray(c) + np.asarray(s) * np.asarray(h)))[2] + p[2]
+        for h, c, rot, p in zip(halves, centres, rots, pos)
+        for s in [(a, b, d) for a in (-1, 1) for b in (-1, 1) for d in (-1, 1)]
+    ]
+    top, bottom = object_extent(model, data, 1, np.array([0, 1]))
+    assert top == pytest.approx(max(zs) - 0.49) and bottom == pytest.approx(0.49 - min(zs))
+    assert top == pytest.approx(0.52 + 0.02 - 0.49)  # rotated: its 5 cm half size lies along y, 2 cm along z
+    assert bottom == pytest.approx(0.49 - (0.50 + 0.01 - 0.02))
+
+
+def _priv_geo(eef, obj, top, bottom, width=0.08, qvel=0.0, tgt=TGT):
+    return torch.cat([_priv(eef, obj, tgt, width, qvel), torch.tensor([top, bottom])])
+
+
+CREAM = (0.046, -0.103, 0.0089)  # LIBERO-Object task 1: the cream cheese box's position, 0.89 cm above the table
+
+
+def test_a_flat_box_is_grasped_below_the_fixed_grasp_height_as_its_geometry_says():
+    ex = FunnelPickPlaceExpert()
+    top = bottom = 0.0089
+    dz = grasp_height(_priv_geo(CREAM, CREAM, top, bottom).view(1, -1), 0.02, 0.01, 0.025, 0.10)
+    assert float(dz) == pytest.approx(top - ex.p["top_depth"])  # 1 cm below the box's top, under the old 2 cm
+    assert float(dz) < ex.p["grasp_dz"]
+    # at the old grasp point (2 cm above the box's position): the 13-D expert closes there, in the air
+    # above the 1.8 cm box; with the geometry the label keeps descending, open
+    old_grasp = (CREAM[0], CREAM[1], CREAM[2] + 0.02)
+    assert _act(ex, _priv(old_grasp, CREAM))[6] == 1
+    a = _act(ex, _priv_geo(old_grasp, CREAM, top, bottom))
+    assert a[6] == -1 and a[2] < 0 and float(a[2]) == pytest.approx(ex.p["gain"] * (float(dz) - 0.02))
+    # at the new grasp point: close
+    new_grasp = (CREAM[0], CREAM[1], CREAM[2] + float(dz))
+    assert _act(ex, _priv_geo(new_grasp, CREAM, top, bottom))[6] == 1
+
+
+def test_a_tall_bottle_is_grasped_high_and_carried_higher():
+    ex = FunnelPickPlaceExpert()
+    bottle, top, bottom = (0.05, -0.1, 0.073), 0.073, 0.073  # the salad dressing: 14.6 cm tall
+    dz = float(grasp_height(_priv_geo(bottle, bottle, top, bottom).view(1, -1), 0.02, 0.01, 0.025, 0.10))
+    assert dz == pytest.approx(top - ex.p["hand_room"]) and dz > ex.p["grasp_dz"]
+    lift = float(carry_lift(_priv_geo(bottle, bottle, top, bottom).view(1, -1), ex.p["tall"]))
+    assert lift == pytest.approx(top + bottom - ex.p["tall"])
+    # held 1 cm beside the basket, 3 cm above where a can is lowered to (the bottle's bottom 4.3 cm
+    # under the can's there): the 13-D label lowers it, the label with the geometry raises it to
+    # the can's bottom height (`lift` higher)
+    obj = (TGT[0] + 0.01, TGT[1], TGT[2] + ex.p["drop"] + 0.03)
+    eef = (obj[0], obj[1], obj[2] + dz)
+    a_old = _act(ex, _priv(eef, obj, width=0.05))
+    a_new = _act(ex, _priv_geo(eef, obj, top, bottom, width=0.05))
+    assert float(a_old[2]) == pytest.approx(-ex.p["gain"] * 0.03, abs=1e-5)
+    assert float(a_new[2]) == pytest.approx(ex.p["gain"] * (lift - 0.03), abs=1e-5) and a_new[2] > 0
+    # a can 3 cm above its lowering height is held; the bottle there is lower than its release height
+    # (its bottom lower than a released can's): open
+    assert a_old[6] == 1 and a_new[6] == -1
+
+
+def test_the_task0_can_keeps_exactly_the_13d_actions_at_any_tilt():
+    """The alphabet soup can (7.6 cm tall, 6.3 cm wide): upright, tilted or lying, its extent never
+    changes a label, so the expert LIBERO-Object task-0 students learn from is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    ex = FunnelPickPlaceExpert()
+    half_h, radius = 0.038, 0.0315
+    for tilt in torch.linspace(0, math.pi / 2, 7).tolist():  # the can's own bounding-box extent at a tilt
+        top = bottom = half_h * math.cos(tilt) + radius * math.sin(tilt)
+        priv13 = torch.rand(64, 13, generator=g) * 0.3 - 0.15
+        priv13[:16, :3] = priv13[:16, 7:10] + torch.tensor([0.0, 0.0, 0.02])  # some at the grasp point
+        priv15 = torch.cat([priv13, torch.full((64, 1), top), torch.full((64, 1), bottom)], -1)
+        rv = torch.randn(64, 3, generator=g)
+        assert torch.equal(ex.action(priv15, rv), ex.action(priv13, rv)), f"tilt {tilt:.2f}"
+    # NaN entries (an environment with no known geometry) read as absent
+    nan = torch.cat([priv13, torch.full((64, 2), math.nan)], -1)
+    assert torch.equal(ex.action(nan, rv), ex.action(priv13, rv))
+
+
+def test_the_privileged_vector_only_grew_at_its_end():
+    """Students read entries by index (7..12: the object and the basket): the geometry is appended."""
+    sizes = dict(eef_pos=3, gripper_qpos=2, gripper_qvel=2, object_pos=3, target_pos=3, object_top=1, object_bottom=1)
+    assert PRIVILEGED[:5] == ("eef_pos", "gripper_qpos", "gripper_qvel", "object_pos", "target_pos")
+    assert PRIVILEGED[5:] == ("object_top", "object_bottom")
+    assert PRIVILEGED_DIM == sum(sizes[k] for k in PRIVILEGED) == 15

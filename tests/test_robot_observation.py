@@ -121,7 +121,7 @@ def test_native_observation_is_the_single_64px_agentview_and_8d_state():
         [raw["robot0_eef_pos"], quat_to_axis_angle(QUAT), raw["robot0_gripper_qpos"]]
     ).astype(np.float32)
     np.testing.assert_array_equal(obs[STATE], expected_state)
-    assert obs[STATE].dtype == np.float32 and obs[PRIV].shape == (13,)
+    assert obs[STATE].dtype == np.float32 and obs[PRIV].shape == (15,)
     expected_image = np.ascontiguousarray(_render(64, 64, "agentview")[::-1, ::-1].transpose(2, 0, 1))
     np.testing.assert_array_equal(obs[IMAGE], expected_image)
     assert obs[IMAGE].dtype == np.uint8 and obs[IMAGE].flags["C_CONTIGUOUS"]

@@ -66,10 +66,42 @@ from mmdistill.modalities.robot.protocols import (
 
 STATE_DIM = 8
 # privileged vector: end effector (3), gripper joint positions (2) and velocities (2),
-# the object to move (3) and the place target (3) from the task's objects of interest
-PRIVILEGED = ("eef_pos", "gripper_qpos", "gripper_qvel", "object_pos", "target_pos")
-PRIVILEGED_DIM = 13
+# the object to move (3) and the place target (3) from the task's objects of interest, how far the
+# object's top lies above its position and its lowest point below it (1 + 1, metres, world z, from its
+# collision geometry at its current pose: `object_extent`).
+# New entries are only ever appended: students read entries by index (e.g. 7..12).
+PRIVILEGED = ("eef_pos", "gripper_qpos", "gripper_qvel", "object_pos", "target_pos", "object_top", "object_bottom")
+PRIVILEGED_DIM = 15
 ACTION_DIM = 7
+
+
+_BOX_CORNERS_8_3 = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
+
+
+def collision_geoms(model: Any, body_id: int) -> np.ndarray:
+    """Ids of the collision geoms (contype or conaffinity set) of a MuJoCo body and its descendants."""
+    ids = []
+    for g in range(model.ngeom):
+        b = int(model.geom_bodyid[g])
+        while b > 0 and b != body_id:
+            b = int(model.body_parentid[b])
+        if b == body_id and (model.geom_contype[g] or model.geom_conaffinity[g]):
+            ids.append(g)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def object_extent(model: Any, data: Any, body_id: int, geom_ids: np.ndarray) -> tuple[float, float]:
+    """How far (metres, world z) the top of a body's collision geometry lies above the body's position
+    and its lowest point below it (both positive for an object around its origin), at its current
+    pose: the highest and lowest of the 8 corners of each geom's bounding box (MuJoCo's `geom_aabb`,
+    centre and half sizes in the geom's frame) placed by the geom's world pose.  A box bound, so it
+    can overstate a rotated mesh's extent by a few millimetres."""
+    aabb_G_6 = model.geom_aabb[geom_ids]
+    local_G_8_3 = aabb_G_6[:, None, :3] + _BOX_CORNERS_8_3[None] * aabb_G_6[:, None, 3:]
+    zrow_G_3 = data.geom_xmat[geom_ids].reshape(-1, 3, 3)[:, 2, :]  # world z of the geom frame's axes
+    z_G_8 = np.einsum("gkj,gj->gk", local_G_8_3, zrow_G_3) + data.geom_xpos[geom_ids, 2:3]
+    z0 = data.xpos[body_id, 2]
+    return float(z_G_8.max() - z0), float(z0 - z_G_8.min())
 
 
 def _cache_dir() -> Path:
@@ -291,6 +323,7 @@ class LiberoEnv:
         self.postprocess, self.action_stats = postprocess, action_stats
         self._envs: dict[int, Any] = {}
         self._objects: dict[int, tuple[str, str]] = {}
+        self._geoms: dict[int, tuple[int, np.ndarray]] = {}  # object body id, its collision geoms
         self.env: Any = None
         self.t = 0
         self.renders = 0
@@ -317,6 +350,14 @@ class LiberoEnv:
             env.reset()
             objects = list(env.obj_of_interest)
             self._objects[task_id] = (objects[0], objects[-1])
+            body = int(env.env.obj_body_id[objects[0]])
+            geoms = collision_geoms(env.sim.model, body)
+            if len(geoms) == 0:
+                raise ValueError(
+                    f"object {objects[0]!r} of {self.suite} task {task_id} has no collision geom: "
+                    "object_top / object_bottom of the privileged vector need one"
+                )
+            self._geoms[task_id] = (body, geoms)
             self._envs[task_id] = env
         return self._envs[task_id]
 
@@ -337,6 +378,7 @@ class LiberoEnv:
                 raw["robot0_gripper_qvel"],
                 raw[f"{obj}_pos"],
                 raw[f"{tgt}_pos"],
+                self._object_extent(),
             ]
         )
         out = {"observation.state": state, "observation.environment_state": priv.astype(np.float32)}
@@ -345,6 +387,14 @@ class LiberoEnv:
             for camera, key in zip(self.spec.cameras, self.spec.keys):
                 out[key] = self._image(camera) if render else np.zeros((3, size, size), np.uint8)
         return out
+
+    def _object_extent(self) -> tuple[float, float]:
+        """`object_top`, `object_bottom` of the privileged vector; NaN for an environment that was not
+        built by `_make` (no geometry known: tests' fakes), which the experts read as absent."""
+        geoms = self._geoms.get(self.task_id)
+        if geoms is None:
+            return math.nan, math.nan
+        return object_extent(self.env.sim.model, self.env.sim.data, *geoms)
 
     # -------------------------------------------------------------- protocol
 

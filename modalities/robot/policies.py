@@ -335,9 +335,35 @@ def gaussian_log_prob(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
 
 
 def split_privileged(priv_N_P: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The privileged LIBERO state `[N, 13]` as (end effector xyz, gripper joints, gripper joint velocities,
-    object xyz, target xyz)."""
+    """The privileged LIBERO state `[N, 13]` (or `[N, 15]`: entries 13-14, the object's extent, are left out)
+    as (end effector xyz, gripper joints, gripper joint velocities, object xyz, target xyz)."""
     return priv_N_P[:, 0:3], priv_N_P[:, 3:5], priv_N_P[:, 5:7], priv_N_P[:, 7:10], priv_N_P[:, 10:13]
+
+
+def grasp_height(priv_N_P: Tensor, grasp_dz: float, top_depth: float, hand_room: float, tall: float) -> Tensor:
+    """How far above the object's position to grasp, `[N, 1]`, from its extent when the privileged
+    vector carries it (entries 13-14, `object_top` / `object_bottom`; a 13-D vector or NaN entries give
+    `grasp_dz`):
+    `grasp_dz`, raised to `hand_room` below the top of a tall object (top + bottom above `tall`: the
+    hand, about 3 cm above the fingertips' grasp point, must stay above a bottle's top), and lowered
+    to `top_depth` below the top (a flat box's top lies under a fixed `grasp_dz`)."""
+    dz_N_1 = torch.full_like(priv_N_P[:, :1], grasp_dz)
+    if priv_N_P.shape[-1] < 15:
+        return dz_N_1
+    top_N_1, bottom_N_1 = priv_N_P[:, 13:14], priv_N_P[:, 14:15]
+    known_N_1 = top_N_1.isfinite() & bottom_N_1.isfinite()
+    per_object_N_1 = torch.where(top_N_1 + bottom_N_1 > tall, torch.maximum(dz_N_1, top_N_1 - hand_room), dz_N_1)
+    return torch.where(known_N_1, torch.minimum(per_object_N_1, top_N_1 - top_depth), dz_N_1)
+
+
+def carry_lift(priv_N_P: Tensor, tall: float) -> Tensor:
+    """How much higher to carry, lower and release the object, `[N]`: how far its height (top +
+    bottom, privileged entries 13-14) exceeds `tall`, so a tall carton's bottom clears the basket's
+    rim as a can's does; 0 for a vector without them (13-D, or NaN entries)."""
+    if priv_N_P.shape[-1] < 15:
+        return torch.zeros_like(priv_N_P[:, 0])
+    excess_N = (priv_N_P[:, 13] + priv_N_P[:, 14] - tall).clamp_min(0)
+    return torch.where(excess_N.isfinite(), excess_N, torch.zeros_like(excess_N))
 
 
 class ScriptedPickPlaceExpert(nn.Module):
@@ -505,7 +531,14 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
     - place in a funnel too: lower over the target as the xy error shrinks, open within `place_xy`;
     - correct orientation: the rotation dimensions (world-frame axis-angle deltas) drive the end
       effector back to `ref_rotvec` (gripper pointing down, LIBERO's start) from the 8-D
-      `observation.state` (its axis-angle, entries 3:6); without that key rotation stays 0.
+      `observation.state` (its axis-angle, entries 3:6); without that key rotation stays 0;
+    - grasp per object (from its geometry, privileged entries 13-14, when present): `grasp_dz` above
+      the object's position, but no lower than `hand_room` below the top of an object taller than
+      `tall` and no higher than `top_depth` below its top (`grasp_height`: flat boxes are grasped
+      low, tall bottles high); carry, place and release heights raised by how far the object is
+      taller than `tall` (`carry_lift`: tall cartons clear the basket's rim).  The alphabet soup can
+      of LIBERO-Object task 0 (7.6 cm tall, 6.3 cm wide: under 10 cm at any tilt; its top 3.1-4.9 cm
+      above its position) keeps exactly the 13-D behaviour.
 
     The step distribution stays `N(label, std^2)` per dimension, as the base expert's.
     """
@@ -528,6 +561,9 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
         place_xy: float = 0.03,
         rot_gain: float = 1.0,
         ref_rotvec: tuple[float, float, float] = (math.pi, 0.0, 0.0),
+        top_depth: float = 0.01,
+        hand_room: float = 0.025,
+        tall: float = 0.10,
         **base: float,
     ):
         super().__init__(gain, std, chunk_size, grasp_dz, **base)
@@ -541,6 +577,9 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
             place_free=place_free,
             place_xy=place_xy,
             rot_gain=rot_gain,
+            top_depth=top_depth,
+            hand_room=hand_room,
+            tall=tall,
         )
         self.ref_rotvec = tuple(float(v) for v in ref_rotvec)
         self.config = {
@@ -560,8 +599,8 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
         return (self.p["rot_gain"] * _matrix_to_rotvec(R_err)).clamp(-1, 1)
 
     def action(self, priv_N_P: Tensor, rotvec_N_3: Tensor | None = None) -> Tensor:
-        """The controller's action `[N, 7]` from privileged states `[N, 13]` and, when given, the
-        end effector's axis-angle `[N, 3]` (else no rotation)."""
+        """The controller's action `[N, 7]` from privileged states `[N, 13]` or `[N, 15]` (with the
+        object's extent) and, when given, the end effector's axis-angle `[N, 3]` (else no rotation)."""
         p = self.p
         eef, gq, gv, obj, tgt = split_privileged(priv_N_P)
         up = torch.tensor([0.0, 0.0, 1.0], dtype=priv_N_P.dtype, device=priv_N_P.device)
@@ -573,26 +612,27 @@ class FunnelPickPlaceExpert(ScriptedPickPlaceExpert):
             return c.unsqueeze(-1)
 
         width = gq[:, 0] - gq[:, 1]
-        grasp = obj + p["grasp_dz"] * up
+        grasp = obj + grasp_height(priv_N_P, p["grasp_dz"], p["top_depth"], p["hand_room"], p["tall"]) * up
+        lift = carry_lift(priv_N_P, p["tall"])  # 0 unless the object is taller than `tall`
         near = (eef - grasp).norm(dim=-1) < p["near"]
         closed = width < p["open_width"] - 0.004
         empty = width < p["empty_width"]  # closed on nothing: the fingers touch
         in_target = ((obj[:, :2] - tgt[:, :2]).norm(dim=-1) < p["target_radius"]) & (
-            obj[:, 2] < tgt[:, 2] + p["target_height"]
+            obj[:, 2] < tgt[:, 2] + p["target_height"] + lift
         )
         held = near & closed & ~empty & (gv.abs().amax(-1) < p["still"])
-        release = in_target & ~(near & closed & ~empty & (obj[:, 2] > tgt[:, 2] + 0.06))
+        release = in_target & ~(near & closed & ~empty & (obj[:, 2] > tgt[:, 2] + 0.06 + lift))
         # carrying: lift, move over the target, lower in a funnel, open within place_xy
         to_tgt = torch.cat([tgt[:, :2] - obj[:, :2], torch.zeros_like(obj[:, :1])], -1)
         off_z = (eef - obj)[:, 2]
         d_tgt = to_tgt.norm(dim=-1)
         h_place = (p["place_slope"] * (d_tgt - p["place_free"])).clamp(0, p["carry"] - p["drop"])
-        place_z = tgt[:, 2] + p["drop"] + h_place
+        place_z = tgt[:, 2] + p["drop"] + h_place + lift
         low = obj[:, 2] < place_z - 0.03
         over_xy = (eef + to_tgt)[:, :2]
         held_xy = torch.where(col(low & (d_tgt > 0.3)), eef[:, :2], over_xy)  # far and low: lift first
         held_pos = move(torch.cat([held_xy, col(place_z + off_z)], -1))
-        held_g = torch.where((d_tgt > p["place_xy"]) | (obj[:, 2] > tgt[:, 2] + p["drop"] + 0.02), 1.0, -1.0)
+        held_g = torch.where((d_tgt > p["place_xy"]) | (obj[:, 2] > tgt[:, 2] + p["drop"] + 0.02 + lift), 1.0, -1.0)
         # reaching: reopen if closed on nothing or away from the object, descend in a funnel, close
         lost = (closed & ~near) | (closed & empty)
         d_xy = (eef[:, :2] - grasp[:, :2]).norm(dim=-1)
