@@ -198,3 +198,28 @@ def test_libero_heldout_layouts_are_their_own_split():
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
     env.close()
+
+
+def test_start_noise_perturbs_only_the_arm_joints_as_in_the_official_states():
+    from mmdistill.errors import ConfigError
+    from mmdistill.modalities.robot.libero import official_init_states
+    from mmdistill.modalities.robot.task import ARM_QPOS
+
+    plain = _task(num_eval=50, num_train=40, num_heldout=40, render="none")
+    noisy = _task(num_eval=50, num_train=40, num_heldout=40, render="none", start_noise=0.02)
+    official = official_init_states("libero_object", 0)
+    # the official states vary exactly the entries ARM_QPOS names (robosuite's joint initialization noise)
+    varied = np.flatnonzero(official[:, 1:10].std(0) > 1e-3) + 1
+    assert varied.tolist() == list(range(ARM_QPOS.start, ARM_QPOS.stop))
+    for split in (1, 2):  # training, held-out layouts
+        a, b = plain.states[0][split], noisy.states[0][split]
+        rest = np.ones(a.shape[1], bool)
+        rest[ARM_QPOS] = False
+        np.testing.assert_array_equal(a[:, rest], b[:, rest])  # objects, gripper, velocities untouched
+        assert a[:, ARM_QPOS].std(0).max() < 1e-9  # without noise every layout starts the arm at one pose
+        d = b[:, ARM_QPOS] - a[:, ARM_QPOS]
+        assert 0.012 < d.std(0).mean() < 0.028 and abs(d.mean()) < 0.01  # ~N(0, 0.02^2) per joint
+    again = _task(num_eval=50, num_train=40, num_heldout=40, render="none", start_noise=0.02)
+    np.testing.assert_array_equal(again.states[0][1], noisy.states[0][1])  # a layout is the same in every run
+    with pytest.raises(ConfigError, match="start_noise"):
+        _task(start_noise=-0.1)

@@ -340,3 +340,19 @@ def test_the_robot_adapter_implements_the_adapter_protocol(tmp_path):
     with torch.no_grad():
         policy.log_std.add_(1.0)
     assert adapter.stage_fingerprint(policy) != before
+
+
+def test_evaluation_without_n_uses_every_state_of_the_split(tmp_path):
+    from mmdistill.modalities.robot.adapter import RobotPolicyAdapter
+    from mmdistill.modalities.robot.config import RobotEvalConfig
+
+    cfg = RobotEvalConfig(grid=0)
+    assert cfg.n is None
+    task = ReachTask(num_states=60, num_eval=7, max_steps=3)
+    adapter = RobotPolicyAdapter()
+    adapter.bind(task)
+    torch.manual_seed(0)
+    out = adapter.evaluate(GaussianMLPPolicy(4, 2), task, cfg, seed=0, out_dir=tmp_path, tag="t", show=0)
+    assert out["n"] == 7  # every evaluation state once, not 200 refused or wrapped around
+    with pytest.raises(Exception, match="eval.n: 8 episodes"):
+        adapter.evaluate(GaussianMLPPolicy(4, 2), task, RobotEvalConfig(n=8, grid=0), out_dir=tmp_path, tag="u")

@@ -382,3 +382,41 @@ def test_evaluation_reports_sampled_success_entropy_per_dim_and_kl_to_a_teacher(
     assert adapter.evaluate(teacher, task, cfg, seed=0)["kl_to_teacher_reverse"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="unknown keys"):
         RobotEvalConfig(kl_teacher={"kind": "scripted_reach", "bogus": 1})
+
+
+def test_env_deltas_append_relative_positions_and_survive_a_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    deltas = [[0, 7], [1, 8], [2, 9], [7, 10]]
+    f = StateFeatures(8, None, [1.0] * 8 + [0.5] * 2 + [0.02] * 4, env_entries=[7, 8], env_deltas=deltas)
+    env = torch.randn(3, 13, generator=torch.Generator().manual_seed(0))
+    x = f({"observation.state": torch.zeros(3, 8), "observation.environment_state": env})
+    assert f.dim == 14 and x.shape == (3, 14)
+    torch.testing.assert_close(x[:, 8:10], env[:, 7:9] / 0.5)
+    want = torch.stack([env[:, i] - env[:, j] for i, j in deltas], -1) / 0.02
+    torch.testing.assert_close(x[:, 10:], want)
+    with pytest.raises(ValueError, match="env_deltas"):
+        StateFeatures(8, env_deltas=[[0, 7, 1]])
+    with pytest.raises(ValueError, match="obs_scale"):  # one scale per appended entry
+        StateFeatures(8, None, [1.0] * 10, env_entries=[7, 8], env_deltas=deltas)
+    # a student reading them saves its features in config.json and loads back to the same distribution
+    ad = RobotPolicyAdapter()
+    ad.task = type("T", (), {"obs_dim": 8, "action_dim": 7})()
+    tiny = TinyPolicyConfig(
+        kind="gaussian_mlp", chunk_size=4, head="gaussian_bernoulli", env_entries=[7, 8], env_deltas=deltas, seed=3
+    )
+    policy = ad.tiny_policy(tiny)
+    assert policy.config["env_deltas"] == deltas
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(policy.config))
+    save_file(policy.state_dict(), str(tmp_path / "model.safetensors"))
+    conf = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items() if k != "kind"}
+    again = GaussianMLPPolicy(**conf)
+    from safetensors.torch import load_file
+
+    again.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    obs = {"observation.state": _libero_states(2, 3), "observation.environment_state": torch.randn(2, 3, 13)}
+    torch.testing.assert_close(
+        again.dist(obs, torch.ones(2, 3)).mean_B_T_D, policy.dist(obs, torch.ones(2, 3)).mean_B_T_D
+    )

@@ -306,6 +306,7 @@ class RobotPolicyAdapter:
             obs_scale=t.obs_scale,
             axis_angle=t.axis_angle,
             env_entries=t.env_entries,
+            env_deltas=t.env_deltas,
         )
         expert_head = dict(head=t.head, gripper_logit=t.gripper_logit)
         if t.kind == "scripted_reach":

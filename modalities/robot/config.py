@@ -53,6 +53,9 @@ class TinyPolicyConfig:
     # students: entries of observation.environment_state appended to the state (LIBERO 7..12: object and basket
     # positions, a low-dimensional state student); None: proprioception only
     env_entries: list[int] | None = None
+    # students: differences env[i] - env[j] of observation.environment_state appended after env_entries (relative
+    # positions: LIBERO [[0, 7], [1, 8], [2, 9]] is the end effector relative to the object)
+    env_deltas: list[list[int]] | None = None
 
 
 @dataclass
@@ -84,7 +87,8 @@ class RobotRolloutConfig:
 class RobotEvalConfig:
     """`eval:` of a robot stage: the policy's mean action from `n` evaluation initial states.
 
-    n:           episodes; LIBERO refuses more than the split holds (no cycling)
+    n:           episodes: the first n initial states of the split (default: all of them); more than the split
+                 holds is refused (no cycling)
     batch_size:  kept for configs that set it; all `n` episodes run as one batch
     split:       "official" (alias "test": the evaluation states), "heldout_layouts" (LIBERO: our own sampled
                  layouts, never official or trained on; needs task.num_heldout > 0) or "train" (training states)
@@ -98,7 +102,7 @@ class RobotEvalConfig:
                  per decision there
     """
 
-    n: int = 200
+    n: int | None = None
     batch_size: int = 200
     split: str = "test"
     grid: int = 16
@@ -109,7 +113,8 @@ class RobotEvalConfig:
     kl_seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least("n", self.n, 1)
+        if self.n is not None:
+            _at_least("n", self.n, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grid", self.grid, 0)
         _at_least("kl_episodes", self.kl_episodes, 1)

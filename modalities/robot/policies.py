@@ -38,7 +38,9 @@ class StateFeatures(nn.Module):
     """The network input of an observation: the proprioceptive state `[..., S]`, followed by the entries
     `env_entries` of `observation.environment_state` when given (a low-dimensional state student, e.g.
     LIBERO's object and basket positions 7..12, what robomimic's low_dim policies read; none: proprioception
-    only), as `(x - shift) / scale` per entry; when `axis_angle` is the index of a 3-D axis-angle in the
+    only), then the differences `env[i] - env[j]` of the pairs `env_deltas` (relative positions, e.g. LIBERO's
+    end effector to object `[[0, 7], [1, 8], [2, 9]]`, as robosuite's `object-state` gives
+    `{obj}_to_robot0_eef_pos`), as `(x - shift) / scale` per entry; when `axis_angle` is the index of a 3-D axis-angle in the
     state (LIBERO's 8-D state: 3), those three entries are replaced by the 9 entries of its rotation matrix
     (continuous where the axis-angle flips sign at an angle of pi, as it does for a gripper pointing down)."""
 
@@ -49,10 +51,14 @@ class StateFeatures(nn.Module):
         scale: list[float] | None = None,
         axis_angle: int | None = None,
         env_entries: list[int] | None = None,
+        env_deltas: list[list[int]] | None = None,
     ):
         super().__init__()
         self.env_entries = [int(i) for i in env_entries] if env_entries else None
-        state_dim = state_dim + len(self.env_entries or [])
+        if env_deltas and any(len(pair) != 2 for pair in env_deltas):
+            raise ValueError(f"env_deltas: {env_deltas}; give pairs [i, j], each read as env[i] - env[j]")
+        self.env_deltas = [(int(i), int(j)) for i, j in env_deltas] if env_deltas else None
+        state_dim = state_dim + len(self.env_entries or []) + len(self.env_deltas or [])
         for name, v in (("obs_shift", shift), ("obs_scale", scale)):
             if v is not None and len(v) != state_dim:
                 raise ValueError(f"{name}: {len(v)} numbers for a {state_dim}-D state; give one per state entry")
@@ -63,7 +69,13 @@ class StateFeatures(nn.Module):
         # not in the state dict: rebuilt from config.json, so checkpoints written before them still load
         self.register_buffer("shift", torch.tensor(shift or [0.0] * state_dim, dtype=torch.float32), persistent=False)
         self.register_buffer("scale", torch.tensor(scale or [1.0] * state_dim, dtype=torch.float32), persistent=False)
-        self._config = {"obs_shift": shift, "obs_scale": scale, "axis_angle": axis_angle, "env_entries": env_entries}
+        self._config = {
+            "obs_shift": shift,
+            "obs_scale": scale,
+            "axis_angle": axis_angle,
+            "env_entries": env_entries,
+            "env_deltas": [list(pair) for pair in self.env_deltas] if self.env_deltas else None,
+        }
         self.axis_angle = axis_angle
         self.dim = state_dim + (6 if axis_angle is not None else 0)
 
@@ -73,13 +85,20 @@ class StateFeatures(nn.Module):
 
     def forward(self, obs: Tensor | dict) -> Tensor:
         state = state_of(obs).float()
-        if self.env_entries is not None:
+        if self.env_entries is not None or self.env_deltas is not None:
             if not isinstance(obs, dict) or "observation.environment_state" not in obs:
                 raise ValueError(
-                    "env_entries: this policy reads observation.environment_state, which the observation lacks"
+                    "env_entries / env_deltas: this policy reads observation.environment_state, which the "
+                    "observation lacks"
                 )
             env = obs["observation.environment_state"].float()
-            state = torch.cat([state, env[..., self.env_entries]], -1)
+            parts = [state]
+            if self.env_entries is not None:
+                parts.append(env[..., self.env_entries])
+            if self.env_deltas is not None:
+                i, j = zip(*self.env_deltas)
+                parts.append(env[..., list(i)] - env[..., list(j)])
+            state = torch.cat(parts, -1)
         x = (state - self.shift) / self.scale
         if self.axis_angle is None:
             return x
@@ -180,11 +199,12 @@ class GaussianMLPPolicy(nn.Module):
         obs_scale: list[float] | None = None,
         axis_angle: int | None = None,
         env_entries: list[int] | None = None,
+        env_deltas: list[list[int]] | None = None,
     ):
         super().__init__()
         _check_head(head, std_mode)
         self.action_dim, self.chunk_size, self.head_kind = action_dim, chunk_size, head
-        self.features = StateFeatures(obs_dim, obs_shift, obs_scale, axis_angle, env_entries)
+        self.features = StateFeatures(obs_dim, obs_shift, obs_scale, axis_angle, env_entries, env_deltas)
         dims = [self.features.dim] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -255,11 +275,12 @@ class VisionGaussianPolicy(nn.Module):
         obs_scale: list[float] | None = None,
         axis_angle: int | None = None,
         env_entries: list[int] | None = None,
+        env_deltas: list[list[int]] | None = None,
     ):
         super().__init__()
         _check_head(head, std_mode)
         self.action_dim, self.chunk_size, self.image_key, self.head_kind = action_dim, chunk_size, image_key, head
-        self.features = StateFeatures(state_dim, obs_shift, obs_scale, axis_angle, env_entries)
+        self.features = StateFeatures(state_dim, obs_shift, obs_scale, axis_angle, env_entries, env_deltas)
         self.conv = nn.Sequential(
             nn.Conv2d(3, channels // 2, 5, stride=2),
             nn.ReLU(),

@@ -36,6 +36,9 @@ from mmdistill.modalities.robot.protocols import (
 )
 from mmdistill.registry import TASKS
 
+# the arm's 7 joint angles in a flattened LIBERO sim state (entry 0 is the time, then the Panda's qpos first)
+ARM_QPOS = slice(1, 8)
+
 
 def load_action_stats(stats: dict[str, Any] | str | None, suite: str) -> dict[str, Any] | None:
     """Action statistics for un-normalisation: a mapping as given, or a JSON file read here (OpenVLA's
@@ -164,6 +167,8 @@ class LiberoTask:
     - `heldout_layouts`: `num_heldout` layouts per task sampled from the task's placement sampler
       (seeds from `heldout_seed`), never official and never used for training: our own split;
     - `train`: `num_train` sampled layouts per task (seeds from `train_seed`), never official.
+    Sampled layouts start the arm at one pose unless `start_noise` (radians, e.g. 0.02 as in the official
+    states) perturbs its joint angles.
     `protocol` (modalities/robot/protocols.py) sets the step limit, the settle steps and action
     and the environment seed; `max_steps` / `settle_steps` override it.
 
@@ -207,8 +212,15 @@ class LiberoTask:
         postprocess: str = "clip",
         action_stats: dict[str, Any] | str | None = None,
         camera_keys: dict[str, str] | None = None,
+        start_noise: float = 0.0,
     ):
         self.protocol = get_protocol(protocol)
+        if not 0.0 <= start_noise <= 0.2:
+            raise ConfigError(
+                f"task.start_noise: {start_noise}; give the std in radians of the arm joints' start noise in [0, 0.2] "
+                "(0.02 matches LIBERO's official states; 0: every sampled layout starts the arm at one pose)"
+            )
+        self.start_noise = float(start_noise)
         if observation not in OBSERVATION_MODES:
             raise ConfigError(
                 f"task.observation: {observation!r}; choose native (one 64 px agentview camera, 8-D state) or "
@@ -257,12 +269,26 @@ class LiberoTask:
             for t in self.task_ids:
                 ev = official_init_states(self.suite, t)[: self.num_eval]
                 train = sample_train_states(self.suite, t, self.num_train, self.train_seed + 1000 * t, ev)
+                train = self._perturb_arm(train, self.train_seed + 1000 * t)
                 self._states[t] = (ev, train)
                 if self.num_heldout:
                     held = sample_train_states(self.suite, t, self.num_heldout, self.heldout_seed + 1000 * t, ev)
+                    held = self._perturb_arm(held, self.heldout_seed + 1000 * t)
                     check_disjoint(train, held, what="held-out", other="training")
                     self._states[t] = (ev, train, held)
         return self._states
+
+    def _perturb_arm(self, states: np.ndarray, seed: int) -> np.ndarray:
+        """Sampled layouts with Gaussian noise of std `start_noise` (radians) on the arm's 7 joint angles, as
+        robosuite's `initialization_noise` gave LIBERO's official states (std 0.018-0.021 rad per joint across
+        the 50 states of LIBERO-Object task 0; the hand starts up to ~3.5 cm apart); the placement sampler
+        alone starts every layout at one pose.  Drawn from `seed`, so a layout is the same in every run."""
+        if not self.start_noise:
+            return states
+        out = states.copy()
+        noise = np.random.default_rng(seed).normal(0.0, self.start_noise, (len(states), ARM_QPOS.stop - ARM_QPOS.start))
+        out[:, ARM_QPOS] += noise
+        return out
 
     def make_env(self) -> Any:
         return LiberoEnv(
