@@ -633,7 +633,11 @@ class GaussianBernoulli:
             return actions_B_T_C
         return actions_B_T_C.unflatten(-1, (self.repeat, D + 1)).mean(-2)
 
-    def _copies(self, action_B_T_A: Tensor) -> Tensor:
+    def _action(self, arm_B_T_D: Tensor, closed_B_T: Tensor) -> Tensor:
+        """The action `[B, T, repeat * (D + 1)]` of arm values and a gripper decision: the arm, then the gripper
+        written as its open / close value, the decision copied `repeat` times."""
+        g = torch.where(closed_B_T, self.close_value, self.open_value).to(arm_B_T_D.dtype)
+        action_B_T_A = torch.cat([arm_B_T_D, g.unsqueeze(-1)], dim=-1)
         return action_B_T_A if self.repeat == 1 else action_B_T_A.repeat(*([1] * (action_B_T_A.dim() - 1)), self.repeat)
 
     def log_prob(self, actions_B_T_A: Tensor) -> Tensor:
@@ -682,8 +686,7 @@ class GaussianBernoulli:
 
     def mode(self) -> Tensor:
         """The most likely action `[B, T, D + 1]`: the arm mean and the likelier gripper (close when logit > 0)."""
-        g = torch.where(self.gripper_logit_B_T > 0, self.close_value, self.open_value).to(self.mean_B_T_D.dtype)
-        return self._copies(torch.cat([self.mean_B_T_D, g.unsqueeze(-1)], dim=-1))
+        return self._action(self.mean_B_T_D, self.gripper_logit_B_T > 0)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """One action `[B, T, repeat * (D + 1)]` per step (no gradient): arm from the Gaussian, gripper as open /
@@ -699,9 +702,7 @@ class GaussianBernoulli:
                 dtype=self.gripper_logit_B_T.dtype,
                 device=self.gripper_logit_B_T.device,
             )
-            closed = u < torch.sigmoid(self.gripper_logit_B_T)
-            g = torch.where(closed, self.close_value, self.open_value).to(arm.dtype)
-            return self._copies(torch.cat([arm, g.unsqueeze(-1)], dim=-1))
+            return self._action(arm, u < torch.sigmoid(self.gripper_logit_B_T))
 
     def from_noise(self, eps_B_T_E: Tensor) -> Tensor:
         """The action `[B, T, repeat * (D + 1)]` that standard-normal noise `[B, T, E >= D + 1]` selects (no
@@ -716,9 +717,7 @@ class GaussianBernoulli:
             eps = eps_B_T_E.to(self.mean_B_T_D.dtype)
             arm = self.mean_B_T_D + self.std_B_T_D * eps[..., :D]
             u = 0.5 * (1 + torch.erf(eps[..., D] / math.sqrt(2)))
-            closed = u < torch.sigmoid(self.gripper_logit_B_T)
-            g = torch.where(closed, self.close_value, self.open_value).to(arm.dtype)
-            return self._copies(torch.cat([arm, g.unsqueeze(-1)], dim=-1))
+            return self._action(arm, u < torch.sigmoid(self.gripper_logit_B_T))
 
     def topk(self, k: int) -> StepDist:
         raise _no(

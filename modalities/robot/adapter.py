@@ -169,6 +169,12 @@ def _refuse_unserved(request: RolloutRequest) -> None:
             )
 
 
+def _success_interval(prefix: str, rewards_B: Tensor) -> dict[str, float]:
+    """`PREFIX_ci95_low` / `PREFIX_ci95_high`: the Wilson 95% interval of binary episode successes."""
+    lo, hi = wilson_interval(int(round(float(rewards_B.sum()))), len(rewards_B))
+    return {f"{prefix}_ci95_low": round(lo, 4), f"{prefix}_ci95_high": round(hi, 4)}
+
+
 @ADAPTERS.register("robot_policy")
 class RobotPolicyAdapter:
     """Robot policies acting in simulators (LIBERO, point mass): Gaussian, flow-head and tokenised policies; teachers score the student's states."""
@@ -613,8 +619,7 @@ class RobotPolicyAdapter:
             "success_rate": float(r.rewards_B.mean()),
             "decisions": float(r.extras["decisions_B"].float().mean()),
         }
-        lo, hi = wilson_interval(int(round(float(r.rewards_B.sum()))), len(states))
-        out.update(success_ci95_low=round(lo, 4), success_ci95_high=round(hi, 4))
+        out.update(_success_interval("success", r.rewards_B))
         if not isinstance(
             d, VelocityStepDist
         ):  # Gaussian heads, action tokens; a flow head's chain has no closed-form action entropy
@@ -627,13 +632,8 @@ class RobotPolicyAdapter:
         if cfg.sampled:  # the policy's own samples from the same states, noise seeded by the run seed
             gen = torch.Generator(device=self.device).manual_seed(1_000_003 * (seed + 1))
             rs = self.run_episodes(model, states, gen, sample=True)
-            k = int(round(float(rs.rewards_B.sum())))
-            lo, hi = wilson_interval(k, len(states))
-            out.update(
-                sampled_success_rate=k / len(states),
-                sampled_success_ci95_low=round(lo, 4),
-                sampled_success_ci95_high=round(hi, 4),
-            )
+            out["sampled_success_rate"] = int(round(float(rs.rewards_B.sum()))) / len(states)
+            out.update(_success_interval("sampled_success", rs.rewards_B))
         if cfg.kl_teacher is not None:
             out.update(self.kl_to_teacher(model, task, cfg))
         if hasattr(task, "group_of"):

@@ -253,8 +253,9 @@ class VisionGaussianPolicy(nn.Module):
     """A small vision student: a 3-layer CNN with spatial-softmax keypoints on the camera image,
     concatenated with the proprioceptive state (`StateFeatures`), an MLP, and the head: `gaussian`
     (default: the mean of a chunk of `chunk_size` free actions, a state-independent log-std) or
-    `gaussian_bernoulli` (`GaussianBernoulliHead`: one decision repeated over the chunk).  Never
-    reads `observation.environment_state`."""
+    `gaussian_bernoulli` (`GaussianBernoulliHead`: one decision repeated over the chunk).  Reads
+    `observation.environment_state` only when `env_entries` / `env_deltas` ask for it (a camera
+    student normally leaves both unset)."""
 
     kind = "vision_gaussian"
 
